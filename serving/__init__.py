@@ -1,0 +1,1 @@
+"""ozon-cancel-risk serving: the REST scoring service (imports the shared contract from training)."""

@@ -1,0 +1,3 @@
+"""ozon-cancel-risk: ingestion, features, labels and training of the cancellation-risk model."""
+
+__version__ = "0.1.0"
