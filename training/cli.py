@@ -31,7 +31,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    verbose: Annotated[int, typer.Option("-v", "--verbose", count=True, help="-v info, -vv debug.")] = 0,
+    verbose: Annotated[
+        int, typer.Option("-v", "--verbose", count=True, help="-v info, -vv debug.")
+    ] = 0,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
@@ -80,7 +82,7 @@ def inspect(
         bool,
         typer.Option(
             "--csv-cancellations-are-buyer",
-            help="Count cancelled rows of orders.csv (which has no initiator) as buyer cancellations.",
+            help="Count cancelled orders.csv rows (no initiator there) as buyer cancellations.",
         ),
     ] = False,
 ) -> None:
