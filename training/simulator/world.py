@@ -452,7 +452,8 @@ def advance(
     given_up = moving & (t - p.promise_end_h > dyn.lost_after_promise_days * 24.0)
 
     if survival is not None and buyer_prob is not None:
-        alive = open_ & (survival > 0)
+        # Same precedence as the sampled branch: a delivery or a deadline in this step wins.
+        alive = open_ & (survival > 0) & ~deliver & ~never_shipped & ~given_up
         buyer_prob += np.where(alive, survival * p_buyer, 0.0)
         survival *= np.where(alive, np.clip(1.0 - p_buyer - p_other, 0.0, 1.0), 1.0)
         survival[never_shipped | given_up] = 0.0
