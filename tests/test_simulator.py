@@ -107,6 +107,7 @@ def _one_posting(**overrides) -> Population:
         premium=np.array([False]),
         repeat=np.array([False]),
         fickleness=np.array([0.0]),
+        slow_packing=np.array([False]),
         handed_h=np.array([10.0]),
         progress=np.array([0.5]),
         quiet_until=np.array([-np.inf]),

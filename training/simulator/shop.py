@@ -56,6 +56,7 @@ class Orders:
     courier: np.ndarray
     repeat: np.ndarray
     fickleness: np.ndarray
+    slow_packing: np.ndarray
 
 
 @dataclass
@@ -147,6 +148,7 @@ def build_orders(config: SimulationConfig, rng: np.random.Generator) -> Orders:
         courier=rng.random(n) < 0.2,
         repeat=repeat,
         fickleness=fickle[buyer],
+        slow_packing=rng.random(n) < config.dynamics.slow_packing_share,
     )
 
 
@@ -190,6 +192,7 @@ def initial_postings(orders: Orders, config: SimulationConfig) -> Postings:
         premium=orders.premium,
         repeat=orders.repeat,
         fickleness=orders.fickleness,
+        slow_packing=orders.slow_packing,
         handed_h=nan.copy(),
         progress=np.zeros(n),
         quiet_until=np.full(n, -np.inf),
@@ -266,7 +269,8 @@ def run_until(
     while t < end - 1e-9:
         day_end = min(end, (np.floor(t / DAY + 1e-9) + 1) * DAY)
         last = int(np.searchsorted(ordered_h, day_end, side="left"))
-        active = np.flatnonzero(pop.postings.outcome[:next_order] == OPEN)
+        # Orders of yesterday's last step are still pending: they are placed today.
+        active = np.flatnonzero(np.isin(pop.postings.outcome[:next_order], (OPEN, PENDING)))
         index = np.concatenate([active, np.arange(next_order, last)])
         sub, line_index = sub_population(pop, index)
         while t < day_end - 1e-9:

@@ -118,6 +118,8 @@ class Dynamics:
     # seller processing and competing cancellations
     handover_start_hours: float = 6.0
     handover_per_hour: float = 0.035
+    slow_packing_share: float = 0.08  # postings whose goods are hard to source or pack
+    slow_handover_per_hour: float = 0.008
     shipping_deadline_hours: float = 96.0
     seller_cancel_per_hour: float = 6e-5
     seller_cancel_late_per_hour: float = 0.01  # past the shipping deadline, not handed over
@@ -187,6 +189,7 @@ class Postings:
     premium: np.ndarray
     repeat: np.ndarray  # buyer had earlier orders
     fickleness: np.ndarray  # hidden buyer propensity (log-hazard)
+    slow_packing: np.ndarray  # hidden: the seller struggles to ship this one
     handed_h: np.ndarray  # handover hour; nan before
     progress: np.ndarray  # 0..1 towards the pickup point
     quiet_until: np.ndarray  # tracking blackout ends at this hour
@@ -370,11 +373,12 @@ def advance(
     arrived = ~np.isnan(p.arrived_h)
 
     # Seller hands the posting over.
+    handover_rate = np.where(p.slow_packing, dyn.slow_handover_per_hour, dyn.handover_per_hour)
     ship_now = (
         open_
         & ~handed
         & (t - p.ordered_h >= dyn.handover_start_hours)
-        & (rng.random(n) < 1.0 - np.exp(-dyn.handover_per_hour * dt))
+        & (rng.random(n) < 1.0 - np.exp(-handover_rate * dt))
     )
     ship_at = _jitter(rng, t, dt, n)
     p.handed_h = np.where(ship_now, ship_at, p.handed_h)
