@@ -149,7 +149,7 @@ def conform(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
                 col = col.astype(dtype)
             out[name] = col.reset_index(drop=True)
         else:
-            out[name] = pd.Series([pd.NA] * n if dtype != UTC_TS else [pd.NaT] * n, dtype=dtype)
+            out[name] = pd.Series(index=pd.RangeIndex(n), dtype=dtype)
     return pd.DataFrame(out)
 
 
