@@ -1,0 +1,190 @@
+"""Reasons, actions and decisions: the top reason names the cause that was planted in an order."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.config import CostsConfig
+from training.explain import (
+    CAUSES,
+    LANGUAGES,
+    build_decisions,
+    build_explanations,
+    build_risk_drops,
+    load_playbook,
+)
+from training.features import build_features
+from training.tables import EVENT_COLUMNS, HistoryTables, conform
+
+HOUR = pd.Timedelta(hours=1)
+DAY = pd.Timedelta(days=1)
+
+
+@pytest.fixture(scope="module")
+def shop(trained_shop):
+    return trained_shop.tables, trained_shop.model, trained_shop.as_of
+
+
+def _calm_posting(tables: HistoryTables, model, as_of) -> str:
+    """An open, handed-over posting with nothing wrong: recent scan, no price or card change."""
+    features = build_features(tables, as_of, aggregates=model.aggregates)
+    reference = model.metadata["reference_values"]
+    calm = features[
+        (features["is_handed_over"] == 1)
+        & (features["hours_since_last_activity"] < 24)
+        & (features["price_change_pct"].fillna(0) >= 0)
+        & (features["card_edits_since_purchase"].fillna(0) == 0)
+        & (features["hours_to_promised_delivery_end"] > 96)
+        & (features["hours_since_order"] > 72)
+        & (features["product_lines"] == 1)
+        & (features["carrier"] == reference["carrier"])
+        & (features["payment_type"] == reference["payment_type"])
+        & (features["buyer_earlier_buyer_cancels"] == 0)
+    ]
+    assert len(calm) > 0
+    return str(calm.index.sort_values()[0])
+
+
+def _with_events(tables: HistoryTables, rows: list[dict]) -> HistoryTables:
+    added = conform(pd.DataFrame(rows), EVENT_COLUMNS)
+    return replace(tables, events=pd.concat([tables.events, added], ignore_index=True))
+
+
+def _offer_of(tables: HistoryTables, posting: str) -> tuple[str, float]:
+    item = tables.items[tables.items["posting_number"] == posting].iloc[0]
+    return str(item["offer_id"]), float(item["unit_price"])
+
+
+def _top_reason(tables: HistoryTables, model, as_of, posting: str):
+    features = build_features(tables, as_of, aggregates=model.aggregates).loc[[posting]]
+    probabilities = model.score_features(features)
+    explanation = build_explanations(model, features, probabilities)[0]
+    assert explanation.reasons, "a planted cause must give a reason"
+    return explanation, probabilities[0]
+
+
+def test_a_large_price_drop_is_the_top_reason(shop):
+    tables, model, as_of = shop
+    posting = _calm_posting(tables, model, as_of)
+    offer, paid = _offer_of(tables, posting)
+    tables = _with_events(
+        tables,
+        [{"at": as_of - 2 * HOUR, "kind": "price", "offer_id": offer, "price": paid * 0.6}],
+    )
+    explanation, _ = _top_reason(tables, model, as_of, posting)
+    assert explanation.reasons[0].code == "price_drop"
+    assert "-40 %" in explanation.reasons[0].facts
+
+
+def test_two_weeks_without_a_scan_is_the_top_reason(shop):
+    tables, model, as_of = shop
+    posting = _calm_posting(tables, model, as_of)
+    handed = as_of - 16 * DAY
+    postings = tables.postings.copy()
+    row = postings["posting_number"] == posting
+    postings.loc[row, "ordered_at"] = handed - 2 * DAY
+    postings.loc[row, "shipment_deadline_at"] = handed + DAY
+    postings.loc[row, "handed_over_at"] = handed
+    postings.loc[row, "promised_delivery_end_at"] = as_of + 6 * DAY
+    events = tables.events
+    own = events["posting_number"] == posting
+    quiet = own & events["kind"].isin(["carrier_scan", "state_change", "delivery_date_change"])
+    events = events[~quiet | (events["at"] <= handed + HOUR)]
+    tables = replace(tables, postings=postings, events=events)
+    explanation, _ = _top_reason(tables, model, as_of, posting)
+    assert explanation.reasons[0].code == "tracking_quiet"
+    assert explanation.reasons[0].values["quiet_days"] >= 16
+    assert "days without a scan" in explanation.reasons[0].facts
+
+
+def test_a_card_edit_after_purchase_is_the_top_reason(shop):
+    tables, model, as_of = shop
+    posting = _calm_posting(tables, model, as_of)
+    offer, _ = _offer_of(tables, posting)
+    edits = [{"at": as_of - k * HOUR, "kind": "card_edit", "offer_id": offer} for k in (3, 20, 30)]
+    tables = _with_events(tables, edits)
+    explanation, _ = _top_reason(tables, model, as_of, posting)
+    assert explanation.reasons[0].code == "listing_changed"
+    assert "card edited 3 times" in explanation.reasons[0].facts
+
+
+def test_an_order_not_shipped_for_a_week_is_the_top_reason(shop):
+    tables, model, as_of = shop
+    posting = _calm_posting(tables, model, as_of)
+    postings = tables.postings.copy()
+    row = postings["posting_number"] == posting
+    postings.loc[row, "ordered_at"] = as_of - 6 * DAY
+    postings.loc[row, "shipment_deadline_at"] = as_of - 2 * DAY
+    postings.loc[row, "handed_over_at"] = pd.NaT
+    postings.loc[row, "promised_delivery_end_at"] = as_of + 14 * DAY
+    events = tables.events
+    own = (events["posting_number"] == posting) & events["kind"].isin(
+        ["carrier_scan", "state_change", "delivery_date_change"]
+    )
+    tables = replace(tables, postings=postings, events=events[~own])
+    explanation, _ = _top_reason(tables, model, as_of, posting)
+    assert explanation.reasons[0].code == "not_shipped"
+    assert "not handed over 6.0 days after the order" in explanation.reasons[0].facts
+
+
+def test_reasons_are_at_most_three_raise_the_risk_and_follow_the_language(shop):
+    tables, model, as_of = shop
+    features = build_features(tables, as_of, aggregates=model.aggregates)
+    probabilities = model.score_features(features)
+    for lang in LANGUAGES:
+        explanations = build_explanations(model, features, probabilities, lang=lang)
+        assert len(explanations) == len(features)
+        playbook = load_playbook()
+        titles = {a.get(lang) for c in CAUSES for a in playbook.causes[c].actions}
+        for explanation in explanations:
+            assert len(explanation.reasons) <= 3
+            assert all(r.risk_drop > 0 and r.code in CAUSES for r in explanation.reasons)
+            drops = [r.risk_drop for r in explanation.reasons]
+            assert drops == sorted(drops, reverse=True)
+            if explanation.reasons:
+                assert set(explanation.actions) & titles
+    chinese = build_explanations(model, features, probabilities, lang="zh")
+    assert any("\u4e00" <= ch <= "\u9fff" for e in chinese for r in e.reasons for ch in r.facts)
+
+
+def test_risk_drops_only_for_causes_that_apply(shop):
+    tables, model, as_of = shop
+    features = build_features(tables, as_of, aggregates=model.aggregates)
+    drops = build_risk_drops(model, features)
+    not_edited = features["card_edits_since_purchase"].fillna(0) == 0
+    assert drops.loc[not_edited, "listing_changed"].isna().all()
+    handed = features["is_handed_over"] == 1
+    assert drops.loc[handed, "not_shipped"].isna().all()
+
+
+def test_decisions_follow_expected_cost():
+    costs = CostsConfig(
+        cancelled_order_cost=400,
+        contact_cost=10,
+        contact_effect=0.25,
+        hold_cost=40,
+        hold_effect=0.5,
+    )
+    p = np.array([0.05, 0.2, 0.5, 0.5])
+    handed = np.array([0, 0, 0, 1])
+    decisions, savings = build_decisions(p, handed, costs)
+    assert decisions.tolist() == ["ship", "contact_buyer", "hold_and_confirm", "contact_buyer"]
+    assert savings.tolist() == pytest.approx([0.0, 10.0, 60.0, 40.0])
+
+
+def test_the_playbook_is_editable_data(tmp_path):
+    text = (load_playbook.__globals__["resources"].files("training") / "playbook.yaml").read_text(
+        encoding="utf-8"
+    )
+    edited = text.replace("Ship today", "Ship before 18:00 today")
+    path = tmp_path / "playbook.yaml"
+    path.write_text(edited, encoding="utf-8")
+    playbook = load_playbook(path)
+    assert playbook.causes["not_shipped"].actions[0].en == "Ship before 18:00 today"
+    path.write_text(text.replace("        zh: 今天发货\n", ""), encoding="utf-8")
+    with pytest.raises(ValueError, match="zh"):
+        load_playbook(path)

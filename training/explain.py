@@ -1,0 +1,592 @@
+"""Why an order is at risk, what the seller should do, and whether it pays to act.
+
+Reasons are **counterfactual**: for each seller-facing cause that applies to an order, its
+features are set to their "no problem" values (price unchanged, scans up to date, on time, card
+untouched, ...) and the model scores the order again. The drop in calibrated probability is how
+much fixing that cause would help — the seller's real question — and ranks the causes. Only the
+causes that apply to an order are re-scored, and all of a batch's variants go through the
+booster in one call, so a reason costs about one extra predict per applicable cause (TreeSHAP
+would cost milliseconds per row and answer a less useful question: see the README's figures).
+
+``share`` is the reason's drop over the order's probability: the part of this order's risk that
+fixing the cause would remove. Shares of several causes need not add up to one (causes interact).
+
+The playbook (``playbook.yaml``, editable by the seller) maps each cause to its title, the facts
+shown and the actions, in English, Chinese and Russian.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, model_validator
+
+if TYPE_CHECKING:
+    from training.config import CostsConfig
+    from training.model import RiskModel
+
+logger = logging.getLogger(__name__)
+
+LANGUAGES = ("en", "zh", "ru")
+CAUSES = (
+    "price_drop",
+    "late_delivery",
+    "tracking_quiet",
+    "not_shipped",
+    "listing_changed",
+    "buyer_profile",
+    "early_remorse",
+    "slow_carrier",
+)
+DECISIONS = ("ship", "contact_buyer", "hold_and_confirm")
+MAX_REASONS = 3
+# A cause must remove at least this much probability to be named: noise is not a reason.
+MIN_RISK_DROP = 0.002
+
+
+# --- the playbook ------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Texts(_Strict):
+    en: str
+    zh: str
+    ru: str
+
+    def get(self, lang: str) -> str:
+        return getattr(self, lang)
+
+
+class CauseEntry(_Strict):
+    title: Texts
+    facts: dict[str, Texts]
+    actions: list[Texts]
+
+
+class Playbook(_Strict):
+    causes: dict[str, CauseEntry]
+    decisions: dict[str, Texts]
+
+    @model_validator(mode="after")
+    def _complete(self) -> Playbook:
+        missing = [c for c in CAUSES if c not in self.causes]
+        unknown = [c for c in self.causes if c not in CAUSES]
+        if missing or unknown:
+            raise ValueError(f"playbook causes: missing {missing}, unknown {unknown}")
+        missing_decisions = [d for d in DECISIONS if d not in self.decisions]
+        if missing_decisions:
+            raise ValueError(f"playbook decisions missing: {missing_decisions}")
+        for cause, fact_names in FACTS.items():
+            absent = [name for name in fact_names if name not in self.causes[cause].facts]
+            if absent:
+                raise ValueError(f"playbook cause {cause!r} lacks the facts {absent}")
+        return self
+
+
+def load_playbook(path: str | Path | None = None) -> Playbook:
+    """The playbook at ``path``, or the one shipped with the package."""
+    if path is None:
+        return _default_playbook()
+    try:
+        return _parse_playbook(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ValueError(f"playbook {path} is not usable: {exc}") from None
+
+
+@cache
+def _default_playbook() -> Playbook:
+    text = resources.files("training").joinpath("playbook.yaml").read_text(encoding="utf-8")
+    return _parse_playbook(text)
+
+
+def _parse_playbook(text: str) -> Playbook:
+    return Playbook.model_validate(yaml.safe_load(text))
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reason:
+    code: str
+    share: float  # risk_drop / probability
+    risk_drop: float  # calibrated probability removed if the cause were fixed
+    facts: str  # in the requested language
+    values: dict[str, float]  # the numbers behind the facts
+
+
+@dataclass(frozen=True)
+class Explanation:
+    reasons: tuple[Reason, ...]
+    actions: tuple[str, ...]
+    decision: str
+    expected_saving: float
+
+
+# --- counterfactuals ---------------------------------------------------------------------------
+
+
+class _Matrix:
+    """Named access to the columns of a model matrix (rows: orders, columns: features)."""
+
+    def __init__(self, matrix: np.ndarray, positions: Mapping[str, int]):
+        self.values = matrix
+        self.positions = positions
+
+    def __getitem__(self, column: str) -> np.ndarray:
+        return self.values[:, self.positions[column]]
+
+    def __setitem__(self, column: str, values: np.ndarray | float) -> None:
+        self.values[:, self.positions[column]] = values
+
+
+def _gt(x: np.ndarray, bound: float) -> np.ndarray:
+    return np.nan_to_num(x, nan=-np.inf) > bound
+
+
+def _lt(x: np.ndarray, bound: float) -> np.ndarray:
+    return np.nan_to_num(x, nan=np.inf) < bound
+
+
+@dataclass(frozen=True)
+class Cause:
+    """When a cause applies to an order, and the order's features with the cause fixed."""
+
+    code: str
+    applies: Callable[[_Matrix, Mapping[str, float]], np.ndarray]
+    fix: Callable[[_Matrix, Mapping[str, float]], None]
+
+
+def _price_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+    return (
+        _lt(m["price_change_pct"], -0.5)
+        | _lt(m["lowest_price_change_pct"], -0.5)
+        | _gt(m["promotion_since_purchase"], 0)
+    )
+
+
+def _price_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+    m["price_change_pct"] = np.fmax(m["price_change_pct"], 0.0)
+    m["lowest_price_change_pct"] = np.fmax(m["lowest_price_change_pct"], 0.0)
+    m["price_changes_since_purchase"] = 0.0
+    m["promotion_since_purchase"] = 0.0
+
+
+def _late_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+    return _lt(m["hours_to_promised_delivery_end"], 24.0) | _gt(m["delivery_date_changes"], 0)
+
+
+def _late_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+    m["hours_to_promised_delivery_end"] = np.fmax(m["hours_to_promised_delivery_end"], 72.0)
+    m["delivery_date_changes"] = 0.0
+    m["delivery_date_shift_hours"] = 0.0
+
+
+def _quiet_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+    return _gt(m["is_handed_over"], 0.5) & _gt(m["hours_since_last_activity"], 48.0)
+
+
+def _quiet_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+    m["hours_since_last_activity"] = np.fmin(m["hours_since_last_activity"], 12.0)
+    m["hours_since_last_scan"] = np.where(
+        np.isnan(m["hours_since_last_scan"]), np.nan, np.fmin(m["hours_since_last_scan"], 12.0)
+    )
+
+
+def _not_shipped_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+    return _lt(m["is_handed_over"], 0.5) & _gt(m["hours_since_order"], 48.0)
+
+
+def _not_shipped_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+    # Shipped a day after the order, with its first scan half a day ago.
+    m["is_handed_over"] = 1.0
+    m["hours_since_handover"] = np.fmax(m["hours_since_order"] - 24.0, 1.0)
+    m["hours_since_last_activity"] = np.fmin(m["hours_since_last_activity"], 12.0)
+
+
+def _listing_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+    return _gt(m["card_edits_since_purchase"], 0)
+
+
+def _listing_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+    m["card_edits_since_purchase"] = 0.0
+    m["hours_since_last_card_edit"] = np.nan
+
+
+def _buyer_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+    applies = _gt(m["buyer_earlier_buyer_cancels"], 0) | (m["buyer_earlier_postings"] == 0)
+    for column in ("payment_type", "region"):
+        if column in ref:
+            applies |= ~np.isnan(m[column]) & (m[column] != ref[column])
+    return applies
+
+
+def _buyer_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+    # The typical buyer: returning, no earlier cancellations, the usual payment and region.
+    m["buyer_earlier_buyer_cancels"] = 0.0
+    m["buyer_earlier_postings"] = np.fmax(m["buyer_earlier_postings"], 1.0)
+    for column in ("payment_type", "region", "region_buyer_cancel_rate"):
+        if column in ref:
+            m[column] = ref[column]
+
+
+def _remorse_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+    return _lt(m["hours_since_order"], 48.0)
+
+
+def _remorse_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+    m["hours_since_order"] = 48.0
+
+
+def _carrier_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+    if "carrier_buyer_cancel_rate" not in ref:
+        return np.zeros(len(m.values), dtype=bool)
+    return _gt(m["carrier_buyer_cancel_rate"], ref["carrier_buyer_cancel_rate"])
+
+
+def _carrier_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+    # The shop's usual carrier with its usual record and promise.
+    for column in ("carrier", "carrier_buyer_cancel_rate", "promised_lead_time_hours"):
+        if column in ref:
+            m[column] = ref[column]
+
+
+CAUSE_RULES = (
+    Cause("price_drop", _price_applies, _price_fix),
+    Cause("late_delivery", _late_applies, _late_fix),
+    Cause("tracking_quiet", _quiet_applies, _quiet_fix),
+    Cause("not_shipped", _not_shipped_applies, _not_shipped_fix),
+    Cause("listing_changed", _listing_applies, _listing_fix),
+    Cause("buyer_profile", _buyer_applies, _buyer_fix),
+    Cause("early_remorse", _remorse_applies, _remorse_fix),
+    Cause("slow_carrier", _carrier_applies, _carrier_fix),
+)
+
+
+# The typical order the buyer-profile and carrier counterfactuals compare with.
+REFERENCE_COLUMNS = (
+    "payment_type",
+    "region",
+    "region_buyer_cancel_rate",
+    "carrier",
+    "carrier_buyer_cancel_rate",
+    "promised_lead_time_hours",
+)
+
+
+def build_reference_values(
+    training_rows: pd.DataFrame, categorical_columns: tuple[str, ...] | list[str]
+) -> dict[str, str | float]:
+    """Most frequent level (categorical) or median (numeric) of each reference column.
+
+    Learned in training and stored with the model (``metadata["reference_values"]``).
+    """
+    reference: dict[str, str | float] = {}
+    for column in REFERENCE_COLUMNS:
+        if column not in training_rows.columns:
+            continue
+        values = training_rows[column].dropna()
+        if values.empty:
+            continue
+        if column in categorical_columns:
+            counts = values.astype("string").value_counts()
+            reference[column] = str(counts.sort_index().idxmax())
+        else:
+            reference[column] = float(values.astype("float64").median())
+    return reference
+
+
+def reference_codes(model: RiskModel) -> dict[str, float]:
+    """The typical order's values the buyer-profile counterfactual uses, in matrix encoding.
+
+    Categorical references are the most frequent level in training (stored with the model as
+    ``metadata["reference_values"]``); a model without them simply leaves those columns alone.
+    """
+    reference = model.metadata.get("reference_values", {}) or {}
+    codes: dict[str, float] = {}
+    for column, value in reference.items():
+        if column not in model.feature_columns or value is None:
+            continue
+        levels = model.category_levels.get(column)
+        if levels is None:
+            codes[column] = float(value)
+        elif str(value) in levels:
+            codes[column] = float(levels.index(str(value)))
+    return codes
+
+
+def build_risk_drops(
+    model: RiskModel, features: pd.DataFrame, probabilities: np.ndarray | None = None
+) -> pd.DataFrame:
+    """How much each applicable cause would lower each order's calibrated probability.
+
+    Returns a frame with one column per cause (NaN where the cause does not apply), aligned
+    with ``features``. All counterfactual rows are scored in one booster call.
+    """
+    matrix = model.build_matrix(features)
+    raw = model.predict_matrix_raw(matrix)
+    if probabilities is None:
+        probabilities = model.calibrator.transform(raw)
+    positions = {c: i for i, c in enumerate(model.feature_columns)}
+    reference = reference_codes(model)
+    base = _Matrix(matrix, positions)
+    blocks, owners = [], []
+    for cause in CAUSE_RULES:
+        rows = np.flatnonzero(cause.applies(base, reference))
+        if rows.size == 0:
+            continue
+        variant = _Matrix(matrix[rows].copy(), positions)
+        cause.fix(variant, reference)
+        blocks.append(variant.values)
+        owners.append((cause.code, rows))
+    drops = pd.DataFrame(np.nan, index=features.index, columns=list(CAUSES))
+    if not blocks:
+        return drops
+    fixed_raw = model.predict_matrix_raw(np.vstack(blocks))
+    start = 0
+    for code, rows in owners:
+        column = drops.columns.get_loc(code)
+        fixed = _shift_log_odds(
+            probabilities[rows], raw[rows], fixed_raw[start : start + rows.size]
+        )
+        drops.iloc[rows, column] = probabilities[rows] - fixed
+        start += rows.size
+    return drops
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-9, 1 - 1e-9)
+    return np.log(p) - np.log1p(-p)
+
+
+def _shift_log_odds(calibrated: np.ndarray, raw: np.ndarray, raw_fixed: np.ndarray) -> np.ndarray:
+    """The calibrated probability moved by the booster's change in log-odds.
+
+    The isotonic calibrator is flat within its bins, so passing the counterfactual raw score
+    through it would report no change for many real changes; moving the calibrated log-odds by
+    the booster's own shift keeps every change and agrees with the calibrator where it is smooth.
+    """
+    shifted = _logit(calibrated) + _logit(raw_fixed) - _logit(raw)
+    return 1.0 / (1.0 + np.exp(-shifted))
+
+
+# --- facts -------------------------------------------------------------------------------------
+
+FACTS: dict[str, tuple[str, ...]] = {
+    "price_drop": ("cheaper",),
+    "late_delivery": ("late", "due", "moved"),
+    "tracking_quiet": ("quiet",),
+    "not_shipped": ("waiting",),
+    "listing_changed": ("edited",),
+    "buyer_profile": ("payment", "earlier_cancels", "first_time", "region"),
+    "early_remorse": ("recent",),
+    "slow_carrier": ("record",),
+}
+
+
+def _fact_values(row: Mapping[str, object]) -> dict[str, float | str]:
+    def number(column: str) -> float:
+        value = row.get(column)
+        return float(value) if value is not None and not pd.isna(value) else float("nan")
+
+    price_now, lowest = number("price_change_pct"), number("lowest_price_change_pct")
+    to_promise = number("hours_to_promised_delivery_end")
+    return {
+        "price_pct": price_now if _lt(np.array([price_now]), -0.5)[0] else lowest,
+        "days_late": max(0.0, -to_promise / 24.0) if not np.isnan(to_promise) else float("nan"),
+        "days_to_promise": to_promise / 24.0,
+        "date_changes": number("delivery_date_changes"),
+        "quiet_days": number("hours_since_last_activity") / 24.0,
+        "days_since_order": number("hours_since_order") / 24.0,
+        "hours_since_order": number("hours_since_order"),
+        "edits": number("card_edits_since_purchase"),
+        "earlier_cancels": number("buyer_earlier_buyer_cancels"),
+        "earlier_postings": number("buyer_earlier_postings"),
+        "payment": str(row.get("payment_type") or "?"),
+        "region": str(row.get("region") or "?"),
+        "carrier": str(row.get("carrier") or "?"),
+        "carrier_cancel_pct": 100.0 * number("carrier_buyer_cancel_rate"),
+    }
+
+
+def _facts_that_hold(
+    cause: str, values: Mapping[str, float | str], reference: Mapping[str, str]
+) -> list[str]:
+    if cause == "late_delivery":
+        held = ["late" if values["days_late"] > 0 else "due"]
+        return held + (["moved"] if values["date_changes"] > 0 else [])
+    if cause == "buyer_profile":
+        held = []
+        if "payment_type" not in reference or values["payment"] != reference["payment_type"]:
+            held.append("payment")
+        if values["earlier_cancels"] > 0:
+            held.append("earlier_cancels")
+        if values["earlier_postings"] == 0:
+            held.append("first_time")
+        if "region" in reference and values["region"] != reference["region"]:
+            held.append("region")
+        return held or ["payment"]
+    return list(FACTS[cause])
+
+
+def describe_reason(
+    cause: str,
+    row: Mapping[str, object],
+    lang: str,
+    playbook: Playbook,
+    reference: Mapping[str, str],
+) -> tuple[str, dict[str, float]]:
+    """The facts behind ``cause`` for one order, as text in ``lang``, and their numbers."""
+    values = _fact_values(row)
+    entry = playbook.causes[cause]
+    texts = [
+        entry.facts[name].get(lang).format(**values)
+        for name in _facts_that_hold(cause, values, reference)
+    ]
+    numbers = {k: float(v) for k, v in values.items() if isinstance(v, float) and not np.isnan(v)}
+    return "; ".join(texts), numbers
+
+
+# --- decisions ---------------------------------------------------------------------------------
+
+
+def build_decisions(
+    probabilities: np.ndarray, handed_over: np.ndarray, costs: CostsConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """The action with the lowest expected cost per order, and what it saves over shipping.
+
+    Saving of an action ``a`` at probability ``p``: ``p · effect_a · cancelled_order_cost −
+    cost_a``. ``hold_and_confirm`` is only possible before the handover.
+    """
+    p = np.nan_to_num(np.asarray(probabilities, dtype="float64"))
+    scale = costs.cancelled_order_cost
+    savings = np.column_stack(
+        [
+            np.zeros_like(p),
+            p * costs.contact_effect * scale - costs.contact_cost,
+            np.where(
+                np.asarray(handed_over, dtype="float64") > 0.5,
+                -np.inf,
+                p * costs.hold_effect * scale - costs.hold_cost,
+            ),
+        ]
+    )
+    best = savings.argmax(axis=1)
+    return np.array(DECISIONS, dtype=object)[best], savings[np.arange(len(p)), best]
+
+
+def model_costs(model: RiskModel) -> CostsConfig:
+    """The costs the model's thresholds were chosen with (the defaults for an older model)."""
+    from training.config import CostsConfig
+
+    return CostsConfig(**(model.metadata.get("costs") or {}))
+
+
+# --- the whole explanation ---------------------------------------------------------------------
+
+
+def build_explanations(
+    model: RiskModel,
+    features: pd.DataFrame,
+    probabilities: np.ndarray,
+    *,
+    lang: str = "en",
+    playbook: Playbook | None = None,
+    costs: CostsConfig | None = None,
+    with_reasons: np.ndarray | None = None,
+) -> list[Explanation]:
+    """Reasons (at most three, only causes that raise the risk), actions and a decision per row.
+
+    ``with_reasons`` (boolean per row) limits the counterfactual work to the rows that need
+    reasons, e.g. medium and high risk in a nightly batch; the others get the decision only.
+    """
+    if lang not in LANGUAGES:
+        raise ValueError(f"lang must be one of {LANGUAGES}, not {lang!r}")
+    playbook = playbook or load_playbook()
+    costs = costs or model_costs(model)
+    probabilities = np.asarray(probabilities, dtype="float64")
+    decisions, savings = build_decisions(
+        probabilities, features["is_handed_over"].to_numpy(dtype="float64", na_value=0.0), costs
+    )
+    rows = np.arange(len(features)) if with_reasons is None else np.flatnonzero(with_reasons)
+    drops = build_risk_drops(model, features.iloc[rows], probabilities[rows])
+    reference = {
+        k: str(v)
+        for k, v in (model.metadata.get("reference_values") or {}).items()
+        if v is not None
+    }
+    ranked = _rank_causes(drops.to_numpy(), probabilities[rows])
+    records = features.iloc[rows].to_dict("records")
+    reasons_of: dict[int, tuple[Reason, ...]] = {}
+    for k, (row, causes) in enumerate(zip(records, ranked, strict=True)):
+        reasons = []
+        for cause_index, drop in causes:
+            code = CAUSES[cause_index]
+            facts, numbers = describe_reason(code, row, lang, playbook, reference)
+            share = drop / probabilities[rows[k]] if probabilities[rows[k]] > 0 else 0.0
+            reasons.append(
+                Reason(code, round(float(share), 4), round(float(drop), 6), facts, numbers)
+            )
+        reasons_of[int(rows[k])] = tuple(reasons)
+    explanations = []
+    for i in range(len(features)):
+        reasons = reasons_of.get(i, ())
+        explanations.append(
+            Explanation(
+                reasons=reasons,
+                actions=_actions(reasons, str(decisions[i]), lang, playbook),
+                decision=str(decisions[i]),
+                expected_saving=round(float(savings[i]), 4),
+            )
+        )
+    return explanations
+
+
+def _rank_causes(drops: np.ndarray, probabilities: np.ndarray) -> list[list[tuple[int, float]]]:
+    """Per row, up to MAX_REASONS (cause index, drop) with a real drop, largest first."""
+    ranked = []
+    clean = np.nan_to_num(drops, nan=-np.inf)
+    order = np.argsort(-clean, axis=1, kind="stable")[:, :MAX_REASONS]
+    for r in range(len(drops)):
+        ranked.append(
+            [(int(c), float(clean[r, c])) for c in order[r] if clean[r, c] >= MIN_RISK_DROP]
+        )
+    return ranked
+
+
+def _actions(
+    reasons: tuple[Reason, ...], decision: str, lang: str, playbook: Playbook
+) -> tuple[str, ...]:
+    """The decision first, then each reason's actions in reason order, without repeats."""
+    seen: dict[str, None] = {}
+    if decision != "ship":
+        seen[playbook.decisions[decision].get(lang)] = None
+    for reason in reasons:
+        for action in playbook.causes[reason.code].actions:
+            seen.setdefault(action.get(lang), None)
+    return tuple(seen)
+
+
+def explanation_to_dict(explanation: Explanation) -> dict:
+    """A JSON-ready form (used by the REST service and the batch output)."""
+    return {
+        "reasons": [
+            {"code": r.code, "share": r.share, "risk_drop": r.risk_drop, "facts": r.facts}
+            for r in explanation.reasons
+        ],
+        "actions": list(explanation.actions),
+        "decision": explanation.decision,
+        "expected_saving": explanation.expected_saving,
+    }
