@@ -113,6 +113,7 @@ def _one_posting(**overrides) -> Population:
         quiet_until=np.array([-np.inf]),
         arrived_h=np.array([np.nan]),
         last_activity_h=np.array([200.0]),
+        next_scan_h=np.array([250.0]),
         milestone=np.array([2]),
         promise_begin_h=np.array([300.0]),
         promise_end_h=np.array([400.0]),

@@ -198,6 +198,7 @@ def initial_postings(orders: Orders, config: SimulationConfig) -> Postings:
         quiet_until=np.full(n, -np.inf),
         arrived_h=nan.copy(),
         last_activity_h=orders.ordered_h.copy(),
+        next_scan_h=np.full(n, np.inf),
         milestone=np.zeros(n, dtype=np.int64),
         promise_begin_h=np.floor(promise_end / DAY) * DAY - 3 * DAY,
         promise_end_h=np.floor(promise_end / DAY) * DAY + DAY,
@@ -286,7 +287,7 @@ def run_until(
             observed.append(
                 (
                     np.arange(n),
-                    np.full(n, t - 3.0),
+                    np.full(n, t),
                     pop.offers.effective_price(t),
                     np.where(in_promo, pop.offers.list_price, np.nan),
                 )

@@ -128,6 +128,7 @@ class Dynamics:
     lost_after_promise_days: float = 25.0  # carrier gives up on a parcel this late
     # transit
     transit_noise_shape: float = 4.0  # gamma shape of per-step progress noise
+    scan_regularity: float = 6.0  # gamma shape of the gaps between scans (carriers scan at hops)
     quiet_progress_factor: float = 0.1
     pickup_per_hour: float = 1 / 36
     courier_per_hour: float = 1 / 8
@@ -195,6 +196,7 @@ class Postings:
     quiet_until: np.ndarray  # tracking blackout ends at this hour
     arrived_h: np.ndarray  # arrival at the pickup point; nan before
     last_activity_h: np.ndarray  # last scan or state change the buyer could see
+    next_scan_h: np.ndarray  # when the carrier scans next, unless tracking goes quiet
     milestone: np.ndarray  # index of the next milestone in MILESTONES
     promise_begin_h: np.ndarray
     promise_end_h: np.ndarray
@@ -301,6 +303,13 @@ class Recorder:
         self.card_edits: list[tuple[np.ndarray, np.ndarray]] = []
 
 
+def _scan_gap(
+    arrays: dict[str, np.ndarray], carrier: np.ndarray, dyn: Dynamics, rng: np.random.Generator
+) -> np.ndarray:
+    shape = dyn.scan_regularity
+    return arrays["scan_every"][carrier] * rng.gamma(shape, 1.0 / shape, carrier.size)
+
+
 def _jitter(rng: np.random.Generator, t: float, dt: float, n: int) -> np.ndarray:
     return t + rng.uniform(0.0, dt, n)
 
@@ -382,6 +391,9 @@ def advance(
     )
     ship_at = _jitter(rng, t, dt, n)
     p.handed_h = np.where(ship_now, ship_at, p.handed_h)
+    p.next_scan_h = np.where(
+        ship_now, ship_at + _scan_gap(arrays, carrier, dyn, rng), p.next_scan_h
+    )
 
     # Transit: progress, blackouts, scans, milestones, arrival.
     moving = open_ & handed & ~arrived
@@ -395,9 +407,11 @@ def advance(
     noise = rng.gamma(dyn.transit_noise_shape, 1.0 / dyn.transit_noise_shape, n)
     step = speed * noise * np.where(quiet, dyn.quiet_progress_factor, 1.0)
     p.progress = np.where(moving, np.minimum(p.progress + step, 1.0), p.progress)
-    scan = moving & ~quiet & (rng.random(n) < 1.0 - np.exp(-dt / arrays["scan_every"][carrier]))
-    scan_at = _jitter(rng, t, dt, n)
+    # A blackout holds the due scan back; the parcel resurfaces with a scan when it ends.
+    scan = moving & ~quiet & (p.next_scan_h < t + dt)
+    scan_at = np.clip(p.next_scan_h, t, t + dt - 1e-6)
     p.last_activity_h = np.where(scan, scan_at, p.last_activity_h)
+    p.next_scan_h = np.where(scan, scan_at + _scan_gap(arrays, carrier, dyn, rng), p.next_scan_h)
 
     # Milestone pushes (the handover itself is milestone 0).
     reached = np.zeros(n, dtype=bool)
