@@ -46,7 +46,8 @@ def _calm_posting(tables: HistoryTables, model, as_of) -> str:
         & (features["buyer_earlier_buyer_cancels"] == 0)
     ]
     assert len(calm) > 0
-    return str(calm.index.sort_values()[0])
+    # The youngest: the longest exposure ahead, so a planted cause moves its risk the most.
+    return str(calm.sort_values(["hours_since_order"], kind="stable").index[0])
 
 
 def _with_events(tables: HistoryTables, rows: list[dict]) -> HistoryTables:
@@ -109,7 +110,7 @@ def test_a_card_edit_after_purchase_is_the_top_reason(shop):
     tables = _with_events(tables, edits)
     explanation, _ = _top_reason(tables, model, as_of, posting)
     assert explanation.reasons[0].code == "listing_changed"
-    assert "card edited 3 times" in explanation.reasons[0].facts
+    assert "card edited since purchase (3×)" in explanation.reasons[0].facts
 
 
 def test_an_order_not_shipped_for_a_week_is_the_top_reason(shop):
@@ -147,6 +148,10 @@ def test_reasons_are_at_most_three_raise_the_risk_and_follow_the_language(shop):
             assert drops == sorted(drops, reverse=True)
             if explanation.reasons:
                 assert set(explanation.actions) & titles
+            assert len(explanation.actions) <= 4
+            if explanation.decision != "ship":
+                decision_text = playbook.decisions[explanation.decision].get(lang)
+                assert explanation.actions[0] == decision_text
     chinese = build_explanations(model, features, probabilities, lang="zh")
     assert any("\u4e00" <= ch <= "\u9fff" for e in chinese for r in e.reasons for ch in r.facts)
 

@@ -566,17 +566,26 @@ def _rank_causes(drops: np.ndarray, probabilities: np.ndarray) -> list[list[tupl
     return ranked
 
 
+MAX_ACTIONS = 4
+
+
 def _actions(
     reasons: tuple[Reason, ...], decision: str, lang: str, playbook: Playbook
 ) -> tuple[str, ...]:
-    """The decision first, then each reason's actions in reason order, without repeats."""
-    seen: dict[str, None] = {}
+    """The decision, then each reason's first action, then their second ones; no repeats.
+
+    A seller acts on a few things: at most MAX_ACTIONS, the most important first.
+    """
+    chosen: dict[str, None] = {}
     if decision != "ship":
-        seen[playbook.decisions[decision].get(lang)] = None
-    for reason in reasons:
-        for action in playbook.causes[reason.code].actions:
-            seen.setdefault(action.get(lang), None)
-    return tuple(seen)
+        chosen[playbook.decisions[decision].get(lang)] = None
+    depth = max((len(playbook.causes[r.code].actions) for r in reasons), default=0)
+    for level in range(depth):
+        for reason in reasons:
+            actions = playbook.causes[reason.code].actions
+            if level < len(actions):
+                chosen.setdefault(actions[level].get(lang), None)
+    return tuple(chosen)[:MAX_ACTIONS]
 
 
 def explanation_to_dict(explanation: Explanation) -> dict:
