@@ -324,6 +324,8 @@ def _push_objects(own: pd.DataFrame, offer_events: pd.DataFrame) -> list[dict[st
                 "new_delivery_date_end": _iso(event["delivery_end_at"]),
                 "old_delivery_date_begin": _iso(event["old_delivery_begin_at"]),
                 "old_delivery_date_end": _iso(event["old_delivery_end_at"]),
+                # Ozon's push has no time of its own: the archive's receipt stamp dates it.
+                "received_at": _iso(event["at"]),
             }
         )
     for _, event in _latest(offer_events[offer_events["kind"] == "card_edit"]).iterrows():
