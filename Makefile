@@ -4,6 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := data/demo
+CLI := $(BIN)/cancel-risk
 
 .PHONY: demo test lint format venv browser clean
 
@@ -17,8 +18,21 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	rm -rf $(DEMO_DIR)
-	$(BIN)/cancel-risk simulate --out $(DEMO_DIR)/history --days 120 --orders-per-day 150 --seed 7 --truth
-	$(BIN)/cancel-risk inspect --history $(DEMO_DIR)/history
+	$(CLI) simulate --out $(DEMO_DIR)/history --days 120 --orders-per-day 150 --seed 7 --truth
+	$(CLI) inspect --history $(DEMO_DIR)/history
+	$(CLI) train --history $(DEMO_DIR)/history --promote-if-better
+	$(CLI) score --history $(DEMO_DIR)/history --out $(DEMO_DIR)/scores.parquet
+	$(CLI) show --scores $(DEMO_DIR)/scores.parquet --top 5
+	$(CLI) report --history $(DEMO_DIR)/history --out $(DEMO_DIR)/report.html
+	$(BIN)/python -m serving.examples --history $(DEMO_DIR)/history --out $(DEMO_DIR)/request.json
+	@echo
+	@echo "Cause report: $(DEMO_DIR)/report.html"
+	@echo "Scores:       $(DEMO_DIR)/scores.parquet (summary and rejects beside it)"
+	@echo
+	@echo "Start the scoring service (it loads models:/cancel-risk@champion):"
+	@echo "  CANCEL_RISK_API_KEYS=demo-key $(CLI) serve"
+	@echo "then, from another terminal, score an open order:"
+	@echo "  curl -s -X POST http://127.0.0.1:8000/v1/score -H 'X-API-Key: demo-key' -H 'Content-Type: application/json' --data @$(DEMO_DIR)/request.json"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -154,7 +154,7 @@ class TrainedShop:
 
 @pytest.fixture(scope="session")
 def trained_shop(tmp_path_factory: pytest.TempPathFactory) -> TrainedShop:
-    """Big enough for the model to learn every cause the simulator plants (about 20 s)."""
+    """Big enough for the model to learn every cause the simulator plants (about a minute)."""
     from training.config import load_training_config
     from training.dataset import build_training_set, fit_training_aggregates
     from training.explain import build_reference_values
@@ -164,7 +164,7 @@ def trained_shop(tmp_path_factory: pytest.TempPathFactory) -> TrainedShop:
     from training.simulator import SimulationConfig, simulate_shop, write_history
 
     directory = tmp_path_factory.mktemp("trained-shop")
-    write_history(simulate_shop(SimulationConfig(days=60, orders_per_day=110, seed=31)), directory)
+    write_history(simulate_shop(SimulationConfig(days=90, orders_per_day=150, seed=31)), directory)
     tables = load_history(directory)
     as_of = tables.latest_event_at()
     config = load_training_config(
@@ -191,3 +191,39 @@ def trained_shop(tmp_path_factory: pytest.TempPathFactory) -> TrainedShop:
 def trained_model_dir(trained_shop: TrainedShop, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``trained_shop``'s model saved as plain files (``RiskModel.save``), e.g. for ``--model``."""
     return trained_shop.model.save(tmp_path_factory.mktemp("trained-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(simulated_history: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small model (60 rounds) trained on ``simulated_history``, saved as plain files.
+
+    Anything that takes a model directory (``--model DIR``) can use it; training takes seconds.
+    """
+    from training.config import load_training_config
+    from training.dataset import build_training_set, fit_training_aggregates
+    from training.explain import build_reference_values
+    from training.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, FEATURE_VERSION
+    from training.ingest import load_history
+    from training.model import fit_risk_model
+
+    tables = load_history(simulated_history)
+    as_of = tables.latest_event_at()
+    config = load_training_config(
+        None, {"lightgbm": {"num_boost_round": 60, "early_stopping_rounds": 10}}
+    )
+    training_set = build_training_set(tables, as_of, config.snapshots)
+    model = fit_risk_model(
+        training_set,
+        config,
+        feature_columns=FEATURE_COLUMNS,
+        categorical_columns=CATEGORICAL_COLUMNS,
+        feature_version=FEATURE_VERSION,
+        aggregates=fit_training_aggregates(tables, as_of, config.snapshots),
+        metadata={
+            "reference_values": build_reference_values(
+                training_set[training_set["split"] == "train"], CATEGORICAL_COLUMNS
+            ),
+            "costs": config.costs.model_dump(),
+        },
+    )
+    return model.save(tmp_path_factory.mktemp("tiny-model") / "model")

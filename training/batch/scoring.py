@@ -1,0 +1,239 @@
+"""Score one shop's open postings: the pandas code both the single-machine and the Spark job run.
+
+The features of every posting open at ``as_of`` come from one call of the one feature function
+(:func:`training.features.build_features`, with the aggregates the model learned in training):
+a float frame of about 0.3 GB per million postings, small beside the history tables it reads.
+Probabilities, risk levels, reasons, actions and decisions are then computed in chunks of
+``chunk_rows`` postings: each chunk is one vectorised pass (one booster call for the scores,
+one for all the counterfactuals of its medium- and high-risk rows), so what the explanations
+hold in memory is bounded by the chunk, whatever the size of the export. Each chunk comes out
+as an Arrow table with :data:`OUTPUT_SCHEMA`, rows ordered by ``posting_number``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import orjson
+import pandas as pd
+import pyarrow as pa
+
+from training.batch.progress import Progress
+
+if TYPE_CHECKING:
+    from training.batch.models import ScoringModel
+    from training.explain import Explanation, Playbook
+    from training.tables import HistoryTables
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_ROWS = 100_000
+FUTURE_TOLERANCE = pd.Timedelta(days=1)
+UTC_MICROS = pa.timestamp("us", tz="UTC")
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("posting_number", pa.string(), nullable=False),
+        pa.field("order_number", pa.string()),
+        pa.field("probability", pa.float64(), nullable=False),
+        pa.field("risk_level", pa.string(), nullable=False),
+        pa.field("reasons", pa.string(), nullable=False),  # JSON array of {code, share, ...}
+        pa.field("actions", pa.string(), nullable=False),  # JSON array of texts
+        pa.field("decision", pa.string(), nullable=False),
+        pa.field("expected_saving", pa.float64(), nullable=False),
+        pa.field("as_of", UTC_MICROS, nullable=False),
+        pa.field("model_name", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+    ]
+)
+OUTPUT_COLUMNS: tuple[str, ...] = tuple(OUTPUT_SCHEMA.names)
+
+
+class AsOfError(ValueError):
+    """No scoring moment can be taken from the export (none at all, or one in the future)."""
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How a shop is scored, besides the model and ``as_of``."""
+
+    lang: str = "en"
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    playbook: Playbook | None = None
+
+    def __post_init__(self) -> None:
+        if self.chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be positive, not {self.chunk_rows}")
+
+
+@dataclass
+class ScoreTally:
+    """What the scored rows add up to, and where the time went (seconds per step)."""
+
+    scored: int = 0
+    risk_levels: Counter[str] = field(default_factory=Counter)
+    decisions: Counter[str] = field(default_factory=Counter)
+    seconds: Counter[str] = field(default_factory=Counter)
+
+    def add_time(self, step: str, started: float) -> float:
+        now = time.perf_counter()
+        self.seconds[step] += now - started
+        return now
+
+
+def resolve_as_of(
+    tables: HistoryTables,
+    as_of: pd.Timestamp | str | None,
+    *,
+    now: pd.Timestamp | None = None,
+) -> pd.Timestamp:
+    """The scoring moment in UTC, to the microsecond: ``as_of`` or the export's latest event.
+
+    The latest event stands for the export moment only if it is not in the future (``now``,
+    the clock by default, plus a day of clock skew): one record with a wrong year would
+    otherwise move the whole run to that year. Then ``--as-of`` must be given.
+    """
+    if as_of is None:
+        latest = tables.latest_event_at()
+        if latest is None:
+            raise AsOfError("the history holds no timestamp: there is nothing to score")
+        moment = _utc(pd.Timestamp(latest))
+        now = _utc(now if now is not None else pd.Timestamp.now(tz="UTC"))
+        if moment > now + FUTURE_TOLERANCE:
+            raise AsOfError(
+                f"the latest timestamp in the history, {moment.isoformat()}, is in the future: "
+                "a record carries a wrong date; give the export moment with --as-of"
+            )
+    else:
+        moment = _utc(pd.Timestamp(as_of))
+    # Microseconds are what Parquet and Spark keep; features are computed at the same moment.
+    return moment.floor("us").as_unit("ns")
+
+
+def _utc(moment: pd.Timestamp) -> pd.Timestamp:
+    return moment.tz_localize("UTC") if moment.tzinfo is None else moment.tz_convert("UTC")
+
+
+def iter_score_chunks(
+    tables: HistoryTables,
+    model: ScoringModel,
+    as_of: pd.Timestamp,
+    options: ScoringOptions,
+    tally: ScoreTally,
+    progress: Progress | None = None,
+) -> Iterator[pa.Table]:
+    """Score every posting open at ``as_of``, one Arrow table per chunk of postings.
+
+    ``tally`` accumulates the counts and the time spent per step (features, predict, explain,
+    format) as the chunks are consumed.
+    """
+    from training.features import build_features
+
+    progress = progress or Progress()
+    risk_model = model.risk_model
+    started = time.perf_counter()
+    with progress.stage("features"):
+        features = build_features(tables, as_of, aggregates=risk_model.aggregates)
+    tally.add_time("features", started)
+    order_numbers = (
+        tables.postings.drop_duplicates("posting_number")
+        .set_index("posting_number")["order_number"]
+        .reindex(features.index)
+        .to_numpy(dtype=object, na_value=None)
+    )
+    logger.info("%d postings open at %s", len(features), as_of.isoformat())
+    with progress.stage("score", total=len(features)):
+        for start in range(0, len(features), options.chunk_rows):
+            stop = start + options.chunk_rows
+            yield build_score_chunk(
+                features.iloc[start:stop], order_numbers[start:stop], model, as_of, options, tally
+            )
+            progress.advance(min(stop, len(features)) - start)
+
+
+def build_score_chunk(
+    features: pd.DataFrame,
+    order_numbers: np.ndarray,
+    model: ScoringModel,
+    as_of: pd.Timestamp,
+    options: ScoringOptions,
+    tally: ScoreTally,
+) -> pa.Table:
+    """One chunk of output rows: scores, levels, and explanations for the feature rows given.
+
+    Reasons are computed for medium- and high-risk rows; low-risk rows carry the decision only.
+    """
+    from training.explain import build_explanations
+
+    risk_model = model.risk_model
+    started = time.perf_counter()
+    probabilities = risk_model.score_features(features)
+    levels = np.asarray(risk_model.risk_levels(probabilities), dtype=object)
+    started = tally.add_time("predict", started)
+    explanations = build_explanations(
+        risk_model,
+        features,
+        probabilities,
+        lang=options.lang,
+        playbook=options.playbook,
+        with_reasons=levels != "low",
+    )
+    started = tally.add_time("explain", started)
+    reasons, actions = build_explanation_texts(explanations)
+    decisions = [e.decision for e in explanations]
+    savings = np.fromiter((e.expected_saving for e in explanations), "float64", len(explanations))
+    n = len(features)
+    table = pa.Table.from_arrays(
+        [
+            pa.array(features.index.to_numpy(dtype=object), pa.string()),
+            pa.array(order_numbers, pa.string()),
+            pa.array(probabilities, pa.float64()),
+            pa.array(levels, pa.string()),
+            pa.array(reasons, pa.string()),
+            pa.array(actions, pa.string()),
+            pa.array(decisions, pa.string()),
+            pa.array(savings, pa.float64()),
+            pa.array(np.full(n, as_of.value // 1000, dtype="int64"), pa.int64()).cast(UTC_MICROS),
+            pa.array([model.name] * n, pa.string()),
+            pa.array([model.version] * n, pa.string()),
+        ],
+        schema=OUTPUT_SCHEMA,
+    )
+    tally.add_time("format", started)
+    tally.scored += n
+    tally.risk_levels.update(levels.tolist())
+    tally.decisions.update(decisions)
+    return table
+
+
+def build_explanation_texts(explanations: list[Explanation]) -> tuple[list[str], list[str]]:
+    """The ``reasons`` and ``actions`` cells: compact JSON arrays, the REST service's shapes.
+
+    Many postings share one list of actions (and every low-risk one has no reasons), so each
+    distinct actions list is encoded once.
+    """
+    from training.explain import explanation_to_dict
+
+    reasons, actions = [], []
+    encoded_actions: dict[tuple[str, ...], str] = {}
+    for explanation in explanations:
+        if explanation.reasons:
+            reasons.append(orjson.dumps(explanation_to_dict(explanation)["reasons"]).decode())
+        else:
+            reasons.append("[]")
+        text = encoded_actions.get(explanation.actions)
+        if text is None:
+            text = orjson.dumps(list(explanation.actions)).decode()
+            encoded_actions[explanation.actions] = text
+        actions.append(text)
+    return reasons, actions
+
+
+def empty_scores() -> pa.Table:
+    return OUTPUT_SCHEMA.empty_table()
