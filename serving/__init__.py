@@ -1,1 +1,1 @@
-"""ozon-cancel-risk serving: the REST scoring service (imports the shared contract from training)."""
+"""The REST scoring service; it imports only the shared contract from ``training``."""

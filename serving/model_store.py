@@ -1,0 +1,471 @@
+"""The model the service scores with: loaded by alias, reloaded live, refused when broken.
+
+- At startup (:meth:`ModelStore.load_initial`) the model named by ``model_uri`` is loaded:
+  ``models:/<name>@<alias>`` is resolved to a version in the MLflow registry and that version's
+  pyfunc is loaded and unwrapped to its :class:`RiskModel`. If that fails (tracking server
+  unreachable, alias missing, model refused) the last good model cached locally is served
+  instead, and ``/v1/model`` says so.
+- :meth:`ModelStore.reload` (the admin route and the optional polling) loads the alias's
+  current version; a version that fails to load, has a feature version this code does not
+  build, or cannot score the probe requests is refused and the old model keeps serving.
+- Every model loaded from the registry is written to the cache directory (plain files, no
+  pickle: ``RiskModel.save``), atomically, replacing the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from serving.probes import build_probe_jobs
+from serving.scoring import ModelScorer
+from serving.settings import ServiceSettings
+from training.features import FEATURE_VERSION
+from training.model import IncompatibleModelError, RiskModel
+
+logger = logging.getLogger(__name__)
+
+ModelSource = Literal["registry", "local_cache", "local_path"]
+LoadFailure = Literal["unreachable", "not_found", "refused"]
+_POINTER = "current.json"
+_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))")
+
+
+class ModelLoadError(Exception):
+    """A model that could not be loaded; ``kind`` says whether to retry or to fix the model."""
+
+    def __init__(self, kind: LoadFailure, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What ``model_uri`` names."""
+
+    uri: str
+    name: str
+    alias: str | None = None
+    version: str | None = None
+    path: Path | None = None
+
+
+def parse_model_uri(uri: str) -> ModelSpec:
+    """``models:/name@alias``, ``models:/name/version``, or a directory of a saved RiskModel."""
+    match = _URI.fullmatch(uri.strip())
+    if match is not None:
+        return ModelSpec(
+            uri=uri, name=match["name"], alias=match["alias"], version=match["version"]
+        )
+    path = Path(uri).expanduser()
+    if "://" not in uri and (path / "model.json").is_file():
+        return ModelSpec(uri=uri, name=path.name, path=path)
+    raise ModelLoadError(
+        "not_found",
+        f"model_uri {uri!r} is neither models:/<name>@<alias>, models:/<name>/<version> "
+        "nor a directory holding a saved risk model",
+    )
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """What ``/v1/model`` reports about the model being served."""
+
+    name: str
+    version: str | None
+    alias: str | None
+    uri: str
+    source: ModelSource
+    feature_version: str
+    run_id: str | None
+    training_period: dict[str, str] | None
+    holdout_metrics: dict[str, float]
+    loaded_at: str
+    registry_error: str | None
+    scoring_path: str
+    fast_path_note: str | None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    record: ModelRecord
+    scorer: ModelScorer
+
+    @property
+    def model(self) -> RiskModel:
+        return self.scorer.model
+
+
+@dataclass(frozen=True)
+class ReloadOutcome:
+    """What a reload did: ``loaded``, ``unchanged``, or why it was refused."""
+
+    status: Literal["loaded", "unchanged", "refused", "not_found", "unreachable"]
+    message: str
+    previous_version: str | None
+    current: ModelRecord | None
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    """A concrete model version to load."""
+
+    version: str | None
+    run_id: str | None
+    load_uri: str
+
+
+def apply_registry_settings(settings: ServiceSettings) -> None:
+    """Bound how long a call to the tracking server may take (unless the operator set it).
+
+    MLflow reads these from the environment at each call; the server's entry point sets them.
+    """
+    timeout = str(max(1, round(settings.registry_timeout_seconds)))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", timeout)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(settings.registry_max_retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _now_iso() -> str:
+    return pd.Timestamp.now(tz="UTC").isoformat().replace("+00:00", "Z")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def classify_failure(exc: BaseException) -> ModelLoadError:
+    """A load failure as unreachable (retry later), not found, or refused (fix the model)."""
+    if isinstance(exc, ModelLoadError):
+        return exc
+    chain = _chain(exc)
+    for error in chain:
+        if isinstance(error, IncompatibleModelError):
+            return ModelLoadError("refused", f"incompatible model: {error}")
+    text = " ".join(str(error) for error in chain)
+    names = {type(error).__name__ for error in chain}
+    if names & {"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "MaxRetryError"} or (
+        "API request to" in text and ("failed with exception" in text or "Max retries" in text)
+    ):
+        return ModelLoadError("unreachable", f"the tracking server is unreachable: {_short(exc)}")
+    code = getattr(exc, "error_code", None)
+    if code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        return ModelLoadError("not_found", _short(exc))
+    return ModelLoadError("refused", f"the model could not be loaded: {_short(exc)}")
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def load_risk_model_from_mlflow(uri: str) -> RiskModel:
+    """The :class:`RiskModel` inside the cancel-risk pyfunc at ``uri`` (``models:/name/3``).
+
+    MLflow puts a logged model's code directory in front of ``sys.path`` when it loads it; the
+    path is restored so later imports keep coming from the installed package.
+    """
+    import mlflow
+
+    saved_path = list(sys.path)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cancel-risk-model-") as tmp:
+            loaded = mlflow.pyfunc.load_model(uri, dst_path=tmp)
+            python_model = loaded.unwrap_python_model()
+    finally:
+        sys.path[:] = saved_path
+    risk_model = getattr(python_model, "risk_model", None)
+    if not isinstance(risk_model, RiskModel):
+        raise ModelLoadError("refused", f"{uri} is not a cancel-risk model (no risk_model inside)")
+    return risk_model
+
+
+class ModelStore:
+    """Holds the model being served and replaces it only with a model that works.
+
+    ``current`` is swapped in one assignment, so requests in flight keep the model they
+    started with. Loads are serialised by a lock; they run in worker threads (the event loop
+    keeps serving while a model is downloaded and checked).
+    """
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        *,
+        load_from_uri: Callable[[str], RiskModel] = load_risk_model_from_mlflow,
+    ) -> None:
+        self.settings = settings
+        self.spec: ModelSpec | None = None
+        self.current: LoadedModel | None = None
+        self.last_error: str | None = None
+        self._load_from_uri = load_from_uri
+        self._lock = threading.Lock()
+
+    # --- public -------------------------------------------------------------------------------
+
+    def load_initial(self) -> LoadedModel | None:
+        """Load the configured model, else the cached one; None when neither is available."""
+        with self._lock:
+            try:
+                self.spec = parse_model_uri(self.settings.model_uri)
+                loaded = self._load(self._resolve())
+            except Exception as exc:
+                failure = classify_failure(exc)
+                self.last_error = str(failure)
+                logger.warning("model %s not loaded: %s", self.settings.model_uri, failure)
+                loaded = self._load_cached(registry_error=str(failure))
+                if loaded is None:
+                    return None
+            self.current = loaded
+            if loaded.record.source == "registry":
+                self._write_cache(loaded)
+            return loaded
+
+    def reload(self) -> ReloadOutcome:
+        """Load the alias's current version; keep serving the old model if it fails."""
+        with self._lock:
+            previous = self.current
+            previous_version = previous.record.version if previous is not None else None
+            try:
+                if self.spec is None:
+                    self.spec = parse_model_uri(self.settings.model_uri)
+                target = self._resolve()
+                if (
+                    previous is not None
+                    and previous.record.source == "registry"
+                    and target.version is not None
+                    and target.version == previous.record.version
+                ):
+                    return ReloadOutcome(
+                        "unchanged",
+                        f"version {target.version} is already being served",
+                        previous_version,
+                        previous.record,
+                    )
+                loaded = self._load(target)
+            except Exception as exc:
+                failure = classify_failure(exc)
+                self.last_error = str(failure)
+                kept = f"; still serving version {previous_version}" if previous else ""
+                logger.warning("reload refused (%s): %s%s", failure.kind, failure, kept)
+                return ReloadOutcome(
+                    failure.kind,
+                    f"{failure}{kept}",
+                    previous_version,
+                    previous.record if previous else None,
+                )
+            self.current = loaded
+            self.last_error = None
+            if loaded.record.source == "registry":
+                self._write_cache(loaded)
+            logger.info(
+                "now serving %s version %s (was %s)",
+                loaded.record.name,
+                loaded.record.version,
+                previous_version,
+            )
+            return ReloadOutcome(
+                "loaded",
+                f"now serving version {loaded.record.version}",
+                previous_version,
+                loaded.record,
+            )
+
+    def check_for_update(self) -> ReloadOutcome | None:
+        """Reload when the alias points at another version (or the cache is being served)."""
+        spec = self.spec
+        current = self.current
+        if spec is None or spec.alias is None:
+            return self.reload() if current is None else None
+        try:
+            target = self._resolve()
+        except Exception as exc:
+            failure = classify_failure(exc)
+            self.last_error = str(failure)
+            logger.info("model poll: %s", failure)
+            return None
+        if (
+            current is not None
+            and current.record.source == "registry"
+            and current.record.version == target.version
+        ):
+            return None
+        return self.reload()
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def _resolve(self) -> _Resolved:
+        spec = self.spec
+        assert spec is not None
+        if spec.path is not None:
+            return _Resolved(version=None, run_id=None, load_uri=str(spec.path))
+        if spec.alias is None:
+            return _Resolved(
+                version=spec.version, run_id=None, load_uri=f"models:/{spec.name}/{spec.version}"
+            )
+        from mlflow.tracking import MlflowClient
+
+        version = MlflowClient().get_model_version_by_alias(spec.name, spec.alias)
+        return _Resolved(
+            version=str(version.version),
+            run_id=version.run_id,
+            load_uri=f"models:/{spec.name}/{version.version}",
+        )
+
+    def _load(self, target: _Resolved) -> LoadedModel:
+        spec = self.spec
+        assert spec is not None
+        if spec.path is not None:
+            model = RiskModel.load(spec.path)
+            source: ModelSource = "local_path"
+        else:
+            model = self._load_from_uri(target.load_uri)
+            source = "registry"
+        return self._checked(model, spec, target.version, target.run_id, source, None)
+
+    def _checked(
+        self,
+        model: RiskModel,
+        spec: ModelSpec,
+        version: str | None,
+        run_id: str | None,
+        source: ModelSource,
+        registry_error: str | None,
+    ) -> LoadedModel:
+        """Refuse a model this code cannot score with; check the fast path against it."""
+        if model.feature_version != FEATURE_VERSION:
+            raise ModelLoadError(
+                "refused",
+                f"the model has feature version {model.feature_version!r}, "
+                f"this service builds {FEATURE_VERSION!r}",
+            )
+        scorer = ModelScorer(model, fast_path=self.settings.fast_path)
+        jobs, as_of = build_probe_jobs(model)
+        try:
+            scorer.check_fast_path(jobs, as_of)
+        except Exception as exc:
+            raise ModelLoadError(
+                "refused", f"the model cannot score the probe requests: {_short(exc)}"
+            ) from exc
+        metadata = model.metadata or {}
+        record = ModelRecord(
+            name=spec.name,
+            version=version,
+            alias=spec.alias,
+            uri=spec.uri,
+            source=source,
+            feature_version=str(model.feature_version),
+            run_id=run_id,
+            training_period=_string_dict(metadata.get("training_period")),
+            holdout_metrics=_float_dict(metadata.get("holdout_metrics")),
+            loaded_at=_now_iso(),
+            registry_error=registry_error,
+            scoring_path=scorer.path,
+            fast_path_note=scorer.fast_path_note,
+        )
+        logger.info("model %s version %s checked (%s path)", spec.name, version, scorer.path)
+        return LoadedModel(record=record, scorer=scorer)
+
+    # --- the local cache ----------------------------------------------------------------------
+
+    def _cache_root(self) -> Path | None:
+        spec = self.spec
+        if spec is None or spec.path is not None:
+            return None
+        safe = re.sub(r"[^A-Za-z0-9._-]", "_", spec.name)
+        return self.settings.model_cache_dir / safe
+
+    def _write_cache(self, loaded: LoadedModel) -> None:
+        """Keep ``loaded`` as the last good model; a failure here never stops serving."""
+        root = self._cache_root()
+        if root is None:
+            return
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=root))
+            loaded.model.save(incoming / "model")
+            directory = f"v{loaded.record.version}-{uuid.uuid4().hex[:8]}"
+            os.replace(incoming, root / directory)
+            pointer = {
+                "directory": directory,
+                "name": loaded.record.name,
+                "version": loaded.record.version,
+                "alias": loaded.record.alias,
+                "run_id": loaded.record.run_id,
+                "cached_at": _now_iso(),
+            }
+            partial = root / f".{_POINTER}.{uuid.uuid4().hex[:8]}"
+            partial.write_text(json.dumps(pointer, indent=2), encoding="utf-8")
+            os.replace(partial, root / _POINTER)
+            for other in root.iterdir():
+                if other.name not in (directory, _POINTER) and other.is_dir():
+                    shutil.rmtree(other, ignore_errors=True)
+        except OSError as exc:
+            logger.warning("could not cache the model in %s: %s", root, exc.strerror or exc)
+
+    def _load_cached(self, registry_error: str) -> LoadedModel | None:
+        root = self._cache_root()
+        spec = self.spec
+        if root is None or spec is None:
+            return None
+        try:
+            pointer: dict[str, Any] = json.loads((root / _POINTER).read_text(encoding="utf-8"))
+            model = RiskModel.load(root / str(pointer["directory"]) / "model")
+            loaded = self._checked(
+                model,
+                spec,
+                pointer.get("version"),
+                pointer.get("run_id"),
+                "local_cache",
+                registry_error,
+            )
+        except FileNotFoundError:
+            logger.warning("no cached model in %s", root)
+            return None
+        except Exception as exc:
+            logger.warning("the cached model in %s cannot be used: %s", root, _short(exc))
+            return None
+        logger.warning(
+            "serving the cached %s version %s: %s",
+            spec.name,
+            loaded.record.version,
+            registry_error,
+        )
+        return replace(loaded, record=replace(loaded.record, registry_error=registry_error))
+
+
+def _string_dict(value: Any) -> dict[str, str] | None:
+    if not isinstance(value, dict):
+        return None
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _float_dict(value: Any) -> dict[str, float]:
+    if not isinstance(value, dict):
+        return {}
+    out = {}
+    for key, number in value.items():
+        try:
+            out[str(key)] = float(number)
+        except (TypeError, ValueError):
+            continue
+    return out
