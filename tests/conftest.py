@@ -157,11 +157,9 @@ def trained_shop(tmp_path_factory: pytest.TempPathFactory) -> TrainedShop:
     """Big enough for the model to learn every cause the simulator plants (about a minute)."""
     from training.config import load_training_config
     from training.dataset import build_training_set, fit_training_aggregates
-    from training.explain import build_reference_values
-    from training.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, FEATURE_VERSION
     from training.ingest import load_history
-    from training.model import fit_risk_model
     from training.simulator import SimulationConfig, simulate_shop, write_history
+    from training.train import fit_cancel_risk_model
 
     directory = tmp_path_factory.mktemp("trained-shop")
     write_history(simulate_shop(SimulationConfig(days=90, orders_per_day=150, seed=31)), directory)
@@ -171,18 +169,8 @@ def trained_shop(tmp_path_factory: pytest.TempPathFactory) -> TrainedShop:
         None, {"lightgbm": {"num_boost_round": 150, "early_stopping_rounds": 20}}
     )
     training_set = build_training_set(tables, as_of, config.snapshots)
-    train_rows = training_set[training_set["split"] == "train"]
-    model = fit_risk_model(
-        training_set,
-        config,
-        feature_columns=FEATURE_COLUMNS,
-        categorical_columns=CATEGORICAL_COLUMNS,
-        feature_version=FEATURE_VERSION,
-        aggregates=fit_training_aggregates(tables, as_of, config.snapshots),
-        metadata={
-            "reference_values": build_reference_values(train_rows, CATEGORICAL_COLUMNS),
-            "costs": config.costs.model_dump(),
-        },
+    model = fit_cancel_risk_model(
+        training_set, config, fit_training_aggregates(tables, as_of, config.snapshots)
     )
     return TrainedShop(directory, tables, model, as_of)
 
@@ -201,10 +189,8 @@ def tiny_model_dir(simulated_history: Path, tmp_path_factory: pytest.TempPathFac
     """
     from training.config import load_training_config
     from training.dataset import build_training_set, fit_training_aggregates
-    from training.explain import build_reference_values
-    from training.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, FEATURE_VERSION
     from training.ingest import load_history
-    from training.model import fit_risk_model
+    from training.train import fit_cancel_risk_model
 
     tables = load_history(simulated_history)
     as_of = tables.latest_event_at()
@@ -212,18 +198,7 @@ def tiny_model_dir(simulated_history: Path, tmp_path_factory: pytest.TempPathFac
         None, {"lightgbm": {"num_boost_round": 60, "early_stopping_rounds": 10}}
     )
     training_set = build_training_set(tables, as_of, config.snapshots)
-    model = fit_risk_model(
-        training_set,
-        config,
-        feature_columns=FEATURE_COLUMNS,
-        categorical_columns=CATEGORICAL_COLUMNS,
-        feature_version=FEATURE_VERSION,
-        aggregates=fit_training_aggregates(tables, as_of, config.snapshots),
-        metadata={
-            "reference_values": build_reference_values(
-                training_set[training_set["split"] == "train"], CATEGORICAL_COLUMNS
-            ),
-            "costs": config.costs.model_dump(),
-        },
+    model = fit_cancel_risk_model(
+        training_set, config, fit_training_aggregates(tables, as_of, config.snapshots)
     )
     return model.save(tmp_path_factory.mktemp("tiny-model") / "model")

@@ -31,6 +31,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from training.aggregates import HistoryAggregates
 from training.config import TrainingConfig, load_training_config
 from training.dataset import build_training_set, fit_training_aggregates, known_at
 from training.evaluate import (
@@ -199,6 +200,31 @@ def resolve_as_of(tables: HistoryTables, as_of: pd.Timestamp | str | None) -> pd
     return moment.tz_localize("UTC") if moment.tzinfo is None else moment.tz_convert("UTC")
 
 
+def fit_cancel_risk_model(
+    training_set: pd.DataFrame,
+    config: TrainingConfig,
+    aggregates: HistoryAggregates,
+    metadata: dict | None = None,
+) -> RiskModel:
+    """The project's model on a training set, carrying its feature contract, the costs its
+    thresholds came from, and the typical order the explanations compare with."""
+    return fit_risk_model(
+        training_set,
+        config,
+        feature_columns=list(FEATURE_COLUMNS),
+        categorical_columns=list(CATEGORICAL_COLUMNS),
+        feature_version=FEATURE_VERSION,
+        aggregates=aggregates,
+        metadata={
+            "costs": config.costs.model_dump(),
+            "reference_values": build_reference_values(
+                training_set[training_set["split"] == "train"], CATEGORICAL_COLUMNS
+            ),
+            **(metadata or {}),
+        },
+    )
+
+
 def fit_and_evaluate(
     tables: HistoryTables,
     as_of: pd.Timestamp,
@@ -225,21 +251,16 @@ def fit_and_evaluate(
         training_set = build_training_set(tables, as_of, config.snapshots, aggregates=aggregates)
         digest = build_dataset_digest(training_set)
     with timer.stage("fit_model"):
-        model = fit_risk_model(
+        model = fit_cancel_risk_model(
             training_set,
             config,
-            aggregates=aggregates,
+            aggregates,
             metadata={
                 "as_of": as_of.isoformat(),
                 "training_period": _period(training_set),
                 "dataset_digest": digest,
                 "calibration_method": config.calibration.method,
-                # The typical order, for the explanations' buyer-profile counterfactual.
-                "reference_values": build_reference_values(
-                    training_set[training_set["split"] == "train"], CATEGORICAL_COLUMNS
-                ),
             },
-            **columns,
         )
     with timer.stage("fit_baselines"):
         baselines = fit_baselines(training_set, config, static_columns=STATIC_COLUMNS, **columns)

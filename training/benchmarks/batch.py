@@ -130,11 +130,9 @@ def load_or_train_model(cache_dir: Path) -> Path:
     """A model trained with the default configuration on a separate simulated shop (cached)."""
     from training.config import load_training_config
     from training.dataset import build_training_set, fit_training_aggregates
-    from training.explain import build_reference_values
-    from training.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, FEATURE_VERSION
     from training.ingest import load_history
-    from training.model import fit_risk_model
     from training.simulator import SimulationConfig, simulate_shop, write_history
+    from training.train import fit_cancel_risk_model
 
     name = "model-d{days}-o{orders_per_day}-s{seed}".format(**MODEL_SHOP)
     model_dir = cache_dir / name / "model"
@@ -147,19 +145,8 @@ def load_or_train_model(cache_dir: Path) -> Path:
     as_of = tables.latest_event_at()
     config = load_training_config()
     training_set = build_training_set(tables, as_of, config.snapshots)
-    model = fit_risk_model(
-        training_set,
-        config,
-        feature_columns=FEATURE_COLUMNS,
-        categorical_columns=CATEGORICAL_COLUMNS,
-        feature_version=FEATURE_VERSION,
-        aggregates=fit_training_aggregates(tables, as_of, config.snapshots),
-        metadata={
-            "reference_values": build_reference_values(
-                training_set[training_set["split"] == "train"], CATEGORICAL_COLUMNS
-            ),
-            "costs": config.costs.model_dump(),
-        },
+    model = fit_cancel_risk_model(
+        training_set, config, fit_training_aggregates(tables, as_of, config.snapshots)
     )
     with tempfile.TemporaryDirectory(dir=model_dir.parent) as staging:
         saved = model.save(Path(staging) / "model")

@@ -68,10 +68,8 @@ def run(history: Path) -> dict:
     from training.config import load_training_config
     from training.dataset import build_training_set, fit_training_aggregates
     from training.evaluate import compute_metrics
-    from training.explain import build_reference_values
-    from training.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, FEATURE_VERSION
     from training.ingest import load_history
-    from training.model import fit_risk_model
+    from training.train import fit_cancel_risk_model
 
     config = load_training_config()
     with RssSampler() as sampler:
@@ -89,17 +87,7 @@ def run(history: Path) -> dict:
         train_rows = training_set[training_set["split"] == "train"]
         model = clock.measure(
             "fit LightGBM + calibrator",
-            lambda: fit_risk_model(
-                training_set,
-                config,
-                feature_columns=FEATURE_COLUMNS,
-                categorical_columns=CATEGORICAL_COLUMNS,
-                feature_version=FEATURE_VERSION,
-                aggregates=aggregates,
-                metadata={
-                    "reference_values": build_reference_values(train_rows, CATEGORICAL_COLUMNS)
-                },
-            ),
+            lambda: fit_cancel_risk_model(training_set, config, aggregates),
         )
         scored = clock.measure("score open postings", lambda: model.score_tables(tables, as_of))
     truth = pd.read_csv(history / "truth.csv", dtype={"posting_number": str})
