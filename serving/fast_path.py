@@ -37,16 +37,20 @@ import training.ingest.events as ingest_events
 from training.aggregates import POSTING_RATE_GROUPS, HistoryAggregates, to_ns
 from training.features import (
     CATEGORICAL_COLUMNS,
+    DELIVERY_STAGES,
     FEATURE_COLUMNS,
     FEATURE_VERSION,
+    HANDED_OVER_STAGE,
     PUSH_KINDS,
     RUB_PER_UNIT,
+    TOLERATED_SILENCE_HOURS,
 )
 from training.ingest.events import DELIVERED_STATES, PUSH_SPECS
+from training.ingest.postings import MAX_QUANTITY
 from training.tables import TERMINAL_STATUSES
 
 # The feature version this module computes; a model of another version takes the reference path.
-FAST_FEATURE_VERSION = "1"
+FAST_FEATURE_VERSION = "2"
 
 NS_PER_SECOND = 1_000_000_000
 _NS_PER_HOUR = 3_600_000_000_000.0
@@ -287,7 +291,7 @@ def parse_posting(record: Any) -> ParsedRequest:
             raise NotCanonical
         price = parse_decimal(product.get("price"))
         quantity = parse_integer(product.get("quantity"))
-        if price is None or price < 0 or quantity is None or quantity <= 0:
+        if price is None or price < 0 or quantity is None or not 0 < quantity <= MAX_QUANTITY:
             raise NotCanonical
         lines.append(
             Line(
@@ -654,14 +658,11 @@ def build_price_since_purchase(parsed: ParsedRequest, as_of: int) -> dict[str, f
     )
     if not parsed.prices or not parsed.lines:
         return dict.fromkeys(names, math.nan)
-    # Currency codes as pandas.factorize numbers them: price rows in time order, then lines.
+    # Currency codes in the currencies' sort order, as ``features._encode_sorted`` numbers them.
     in_time_order = sorted(parsed.prices, key=lambda row: row.at)
+    currencies = {row.currency for row in parsed.prices} | {line.currency for line in parsed.lines}
     codes: dict[str | None, int] = {None: -1}
-    for currency in [row.currency for row in in_time_order] + [
-        line.currency for line in parsed.lines
-    ]:
-        if currency not in codes:
-            codes[currency] = len(codes) - 1
+    codes.update((code, i) for i, code in enumerate(sorted(currencies - {None})))
     by_offer: dict[str, list[PriceRow]] = {}
     for row in in_time_order:
         by_offer.setdefault(row.offer_id, []).append(row)
@@ -776,6 +777,8 @@ def build_timeline(
     last_activity = max(known) if known else parsed.ordered_at
     handed = parsed.handed_over_at
     handed_over = handed is not None and handed <= as_of
+    stage, stage_since = _delivery_stage(parsed, as_of, handed_over, pushes_collected)
+    silent_hours = _silent_hours_since_handover(parsed, as_of, sorted(scan_times + state_times))
     return {
         "hours_since_order": _hours(as_of, parsed.ordered_at),
         "is_handed_over": 1.0 if handed_over else 0.0,
@@ -785,7 +788,50 @@ def build_timeline(
         else math.nan,
         "carrier_scans": scan_count if scans_collected else math.nan,
         "hours_since_last_scan": _hours(as_of, last_scan_at),
+        "delivery_stage": stage,
+        "hours_in_delivery_stage": _hours(as_of, stage_since),
+        "silent_hours_since_handover": silent_hours
+        if scans_collected or pushes_collected
+        else math.nan,
     }
+
+
+def _delivery_stage(
+    parsed: ParsedRequest, as_of: int, handed_over: bool, pushes_collected: bool
+) -> tuple[float, int | None]:
+    """``features._delivery_stage`` for one posting: the furthest stage and when it was reached."""
+    if not pushes_collected:
+        return math.nan, None
+    number = parsed.posting_number
+    pushes = sorted(
+        (at, DELIVERY_STAGES[state])
+        for n, at, state in parsed.state_changes
+        if n == number and state in DELIVERY_STAGES and at <= as_of
+    )
+    stage, since = 0, parsed.ordered_at
+    for position, (at, reached) in enumerate(pushes):
+        if position == 0 or reached > stage:
+            stage, since = reached, at
+    if handed_over and stage < HANDED_OVER_STAGE:
+        stage, since = HANDED_OVER_STAGE, parsed.handed_over_at
+    return float(stage), since
+
+
+def _silent_hours_since_handover(
+    parsed: ParsedRequest, as_of: int, activity_times: Sequence[int]
+) -> float:
+    """``features._silent_hours_since_handover`` for one posting (``activity_times`` sorted)."""
+    handed = parsed.handed_over_at
+    if handed is None or handed > as_of:
+        return math.nan
+    tolerated = round(TOLERATED_SILENCE_HOURS * _NS_PER_HOUR)
+    silent_ns, last = 0, handed
+    for at in activity_times:
+        if handed <= at <= as_of:
+            silent_ns += max(at - last - tolerated, 0)
+            last = at
+    open_gap = _hours(as_of, last) - TOLERATED_SILENCE_HOURS
+    return silent_ns / _NS_PER_HOUR + max(open_gap, 0.0)
 
 
 def build_listing(parsed: ParsedRequest, as_of: int, pushes_collected: bool) -> dict[str, float]:

@@ -21,6 +21,7 @@ from tables_factory import (
 from training.aggregates import HistoryAggregates
 from training.features import (
     CATEGORICAL_COLUMNS,
+    DELIVERY_STAGES,
     FEATURE_COLUMNS,
     FEATURE_FAMILIES,
     STATIC_COLUMNS,
@@ -319,6 +320,124 @@ def test_timeline_of_a_quiet_posting_measures_from_the_order() -> None:
     assert row["hours_since_last_activity"] == 24.0
 
 
+def stage_tables() -> HistoryTables:
+    """P1 moves through the substates (with an unknown one and a late, lower one); P2 has only
+    a handover time, no pushes of its own."""
+    pushes = [
+        ("2026-03-01", "posting_created"),
+        ("2026-03-01 12:00", "posting_transferring_to_delivery"),
+        ("2026-03-02 06:00", "posting_in_carriage"),
+        ("2026-03-02 10:00", "posting_some_future_substate"),  # unknown: no stage
+        ("2026-03-04", "posting_on_way_to_city"),
+        ("2026-03-04 12:00", "posting_in_carriage"),  # out of order: the stage stays
+        ("2026-03-06", "posting_in_pickup_point"),
+    ]
+    return make_tables(
+        postings=[
+            posting_row("P1", "2026-03-01", handed_over_at=utc("2026-03-01 12:00")),
+            posting_row("P2", "2026-03-01", handed_over_at=utc("2026-03-02")),
+        ],
+        events=[event_row("state_change", at, posting_number="P1", state=s) for at, s in pushes],
+    )
+
+
+def test_delivery_stage_is_the_furthest_substate_known_at_as_of() -> None:
+    moments = ["2026-03-01 06:00", "2026-03-02 12:00", "2026-03-05", "2026-03-07"]
+    rows = features_at(stage_tables(), "P1", *moments)
+    assert rows["delivery_stage"].tolist() == [0.0, 2.0, 3.0, 4.0]
+    assert rows["hours_in_delivery_stage"].tolist() == [6.0, 6.0, 24.0, 24.0]
+
+
+def test_a_known_handover_is_stage_one_from_its_time_without_its_push() -> None:
+    rows = features_at(stage_tables(), "P2", "2026-03-01 20:00", "2026-03-03")
+    assert rows["delivery_stage"].tolist() == [0.0, 1.0]
+    assert rows["hours_in_delivery_stage"].tolist() == [20.0, 24.0]
+
+
+def test_silent_hours_sum_what_each_gap_since_the_handover_exceeds_two_days() -> None:
+    tables = make_tables(
+        postings=[
+            posting_row("P1", "2026-03-01", handed_over_at=utc("2026-03-01 12:00")),
+            posting_row("P2", "2026-03-01", handed_over_at=utc("2026-03-08")),
+        ],
+        events=[
+            event_row("carrier_scan", "2026-03-01 06:00", posting_number="P1"),  # before handover
+            event_row("carrier_scan", "2026-03-02", posting_number="P1"),  # gap 12 h
+            event_row("carrier_scan", "2026-03-04 12:00", posting_number="P1"),  # gap 60 h: +12
+            event_row("state_change", "2026-03-04 12:00", posting_number="P1", state="x"),
+            event_row("carrier_scan", "2026-03-05", posting_number="P1"),  # gap 12 h
+        ],
+    )
+    rows = features_at(tables, "P1", "2026-03-01 10:00", "2026-03-04", "2026-03-08 12:00")
+    # Before the handover: unknown. On 03-04: the open gap since 03-02 is 48 h, nothing beyond.
+    # On 03-08 12:00: 12 h from the 60 h gap, and the open gap of 84 h since 03-05 adds 36 h.
+    assert np.isnan(rows["silent_hours_since_handover"].iloc[0])
+    assert rows["silent_hours_since_handover"].iloc[1:].tolist() == [0.0, 48.0]
+    # A handover without any tracking since counts its whole gap from the handover.
+    row = features_at(tables, "P2", "2026-03-11").iloc[0]
+    assert row["silent_hours_since_handover"] == 24.0
+
+
+@st.composite
+def delivery_histories(draw: st.DrawFn) -> tuple[HistoryTables, pd.Timestamp, HistoryTables]:
+    """A few postings with substate pushes and scans, ``as_of``, and the same history with a
+    redrawn future: more pushes and scans after ``as_of``, handovers after ``as_of`` moved."""
+    start = utc("2026-03-01")
+    as_of = start + draw(st.integers(0, 24 * 20)) * HOUR
+    states = [*DELIVERY_STAGES, "posting_delivered", "posting_unknown_substate"]
+    postings, events, future_postings, future_events = [], [], [], []
+    for number in range(draw(st.integers(1, 4))):
+        name = f"P{number}"
+        ordered_at = start + draw(st.integers(0, 24 * 10)) * HOUR
+        handed = draw(st.one_of(st.none(), st.integers(1, 24 * 5)))
+        handed_at = None if handed is None else ordered_at + handed * HOUR
+        postings.append(posting_row(name, ordered_at, handed_over_at=handed_at))
+        if handed_at is not None and handed_at > as_of:
+            handed_at = draw(st.sampled_from([None, as_of + draw(st.integers(1, 48)) * HOUR]))
+        future_postings.append(posting_row(name, ordered_at, handed_over_at=handed_at))
+        for _ in range(draw(st.integers(0, 6))):
+            at = ordered_at + draw(st.integers(0, 24 * 15)) * HOUR
+            kind = draw(st.sampled_from(["state_change", "carrier_scan"]))
+            row = event_row(kind, at, posting_number=name, state=draw(st.sampled_from(states)))
+            if at <= as_of:
+                events.append(row)
+        for _ in range(draw(st.integers(0, 4))):
+            at = as_of + draw(st.integers(1, 24 * 10)) * HOUR
+            kind = draw(st.sampled_from(["state_change", "carrier_scan"]))
+            future_events.append(
+                event_row(kind, at, posting_number=name, state=draw(st.sampled_from(states)))
+            )
+    return (
+        make_tables(postings=postings, events=events),
+        as_of,
+        make_tables(postings=future_postings, events=events + future_events),
+    )
+
+
+DELIVERY_COLUMNS = ["delivery_stage", "hours_in_delivery_stage", "silent_hours_since_handover"]
+
+
+@LEAKAGE_SETTINGS
+@given(delivery_histories(), st.integers(0, 2**32 - 1))
+def test_delivery_stage_and_silence_never_see_after_as_of_nor_row_order(
+    history: tuple[HistoryTables, pd.Timestamp, HistoryTables], seed: int
+) -> None:
+    tables, as_of, with_future = history
+    moments = moments_before(tables, as_of)
+    expected = build_feature_rows(tables, moments)[DELIVERY_COLUMNS]
+    pd.testing.assert_frame_equal(
+        build_feature_rows(with_future, moments)[DELIVERY_COLUMNS], expected
+    )
+    shuffled = HistoryTables(
+        postings=with_future.postings.sample(frac=1.0, random_state=seed).reset_index(drop=True),
+        items=with_future.items,
+        events=with_future.events.sample(frac=1.0, random_state=seed).reset_index(drop=True),
+        products=with_future.products,
+        rejects=with_future.rejects,
+    )
+    pd.testing.assert_frame_equal(build_feature_rows(shuffled, moments)[DELIVERY_COLUMNS], expected)
+
+
 # --- listing ----------------------------------------------------------------------------------
 
 
@@ -478,6 +597,7 @@ def test_missing_side_files_give_missing_families_not_errors() -> None:
         "hours_since_last_activity",
         "carrier_scans",
         "hours_since_last_scan",
+        *DELIVERY_COLUMNS,
     ]
     assert row[unknown].isna().all()
     assert row["hours_since_order"] == 48.0

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from training.simulator import SimulationConfig, simulate_shop, write_history
+from training.simulator.shop import true_probabilities
 from training.simulator.world import (
     BUYER_CANCELLED,
     DELIVERED,
@@ -193,3 +194,18 @@ def test_true_probabilities_are_calibrated_against_outcomes():
     # The truth separates outcomes well; a constant would not.
     top, bottom = bins[-1], bins[0]
     assert y[top].mean() > 0.5 > 0.05 > y[bottom].mean()
+
+
+def test_the_truth_does_not_know_when_a_running_blackout_ends():
+    """Two parcels in the same blackout, one drawn to end in an hour, one in three weeks: the
+    end is the future, so their true probabilities are the same."""
+    t = 220.0
+    config = SimulationConfig(seed=5, truth_rollouts=64, horizon_days=40.0)
+    ends_soon = _one_posting(quiet_until=t + 1.0, last_activity_h=t - 30.0)
+    ends_late = _one_posting(quiet_until=t + 500.0, last_activity_h=t - 30.0)
+    index = np.array([0])
+    soon = true_probabilities(ends_soon, index, t, config)
+    late = true_probabilities(ends_late, index, t, config)
+    np.testing.assert_allclose(soon, late)
+    calm = true_probabilities(_one_posting(last_activity_h=t - 30.0), index, t, config)
+    assert soon[0] > calm[0]  # a running blackout is still the state: it raises the risk

@@ -4,8 +4,12 @@ Each posting appears at several moments of its life: at the order and then every
 ``every_hours`` while it is open. A training set at ``as_of`` is built from the history as it was
 known at ``as_of`` (:func:`known_at`), labels included, so a model trained "as of last month"
 never sees what happened since. Postings ordered within the last ``label_window_days`` are left
-out: most of them have not ended yet, and keeping only the quickly resolved ones would tilt the
-newest weeks towards cancellations (they resolve sooner than deliveries).
+out, and the window must be about as long as postings live: a posting still open at ``as_of``
+has no label and drops out, and whether it is still open depends on how it ends (late parcels
+that end in a cancellation live longest). With a window shorter than most lifetimes the newest
+postings, the calibration and test splits, keep mainly the quickly resolved ones, and the
+holdout is no longer the population the model scores: its calibration error then measures the
+censoring, not the model. Cross-border postings live up to five or six weeks.
 
 The split is by order time, per posting: train on the oldest postings, then validation (early
 stopping), calibration, and test on the newest; a posting's moments all go to one side.
@@ -63,7 +67,9 @@ class SnapshotConfig(BaseModel):
     every_hours: float = Field(24.0, gt=0, description="Hours between a posting's moments.")
     include_order_moment: bool = Field(True, description="A moment at the order time itself.")
     label_window_days: float = Field(
-        14.0, ge=0, description="Postings ordered this close to as_of are not used."
+        40.0,
+        ge=0,
+        description="Postings ordered this close to as_of are not used (most are still open).",
     )
     max_moments_per_posting: int | None = Field(
         30, ge=1, description="Keep at most this many (the earliest) moments per posting."

@@ -42,7 +42,7 @@ from training.tables import HistoryTables
 
 logger = logging.getLogger(__name__)
 
-FEATURE_VERSION = "1"
+FEATURE_VERSION = "2"
 
 FEATURE_FAMILIES: dict[str, list[str]] = {
     "price_since_purchase": [
@@ -66,6 +66,9 @@ FEATURE_FAMILIES: dict[str, list[str]] = {
         "hours_since_last_activity",  # last scan or state-change push; since order when none
         "carrier_scans",
         "hours_since_last_scan",
+        "delivery_stage",  # furthest stage reached: 0 created .. 4 at the pickup point
+        "hours_in_delivery_stage",  # since that stage was reached
+        "silent_hours_since_handover",  # tracking silence beyond the tolerated gaps, summed
     ],
     "listing": [
         "card_edits_since_purchase",
@@ -114,6 +117,32 @@ RUB_PER_UNIT: dict[str, float] = {
 
 # Event kinds that arrive as webhook pushes: any of them shows the seller archives pushes.
 PUSH_KINDS = ("state_change", "cancellation", "delivery_date_change", "card_edit")
+
+# Ozon posting substates (TYPE_STATE_CHANGED ``new_state``) by how far the parcel has got. How
+# long a buyer stays exposed depends on it: a parcel at the pickup point ends within days, one
+# just handed over has its whole transit ahead. Unknown substates say nothing about the stage.
+DELIVERY_STAGES: dict[str, int] = {
+    "posting_created": 0,
+    "posting_awaiting_registration": 0,
+    "posting_transferring_to_delivery": 1,
+    "posting_driver_pick_up": 1,
+    "posting_in_carriage": 2,
+    "posting_on_way_to_city": 3,
+    "posting_transferred_to_courier_service": 3,
+    "posting_in_courier_service": 3,
+    "posting_on_way_to_pickup_point": 3,
+    "posting_in_pickup_point": 4,
+    "posting_conditionally_delivered": 4,
+}
+HANDED_OVER_STAGE = 1
+# A gap between two tracking events (or since the last one) up to this long is ordinary; what
+# goes beyond it is silence (the same two days after which tracking counts as gone quiet).
+TOLERATED_SILENCE_HOURS = 48.0
+
+
+# A feature column: floats as numpy, strings as a pandas string array (a round trip of strings
+# through Python objects costs more than all the numeric work of a family).
+ColumnValues = np.ndarray | pd.api.extensions.ExtensionArray
 
 
 # --- small numeric helpers --------------------------------------------------------------------
@@ -202,6 +231,8 @@ class FeatureContext:
             moments["posting_number"].astype("string")
         ).astype("int64")
         self.ordered_ns = self.posting_ns("ordered_at")
+        self._events_by_kind: dict[str, pd.DataFrame] = {}
+        self._event_rows_by_kind: dict[str, np.ndarray] = {}
 
     def posting_ns(self, column: str) -> np.ndarray:
         """A timestamp column of each moment's posting, as int64 ns (NaT for unknown postings)."""
@@ -213,11 +244,20 @@ class FeatureContext:
         return pd.Series(array.take(self.posting_row, allow_fill=True))
 
     def events_of(self, kind: str) -> pd.DataFrame:
-        """Events of one kind with a known time, with ``at_ns`` added."""
-        events = self.tables.events
-        chosen = events[events["kind"].eq(kind).to_numpy(dtype=bool, na_value=False)]
-        chosen = chosen[chosen["at"].notna().to_numpy()]
-        return chosen.assign(at_ns=to_ns(chosen["at"]))
+        """Events of one kind with a known time, with ``at_ns`` added (selected once per kind)."""
+        if kind not in self._events_by_kind:
+            events = self.tables.events
+            chosen = events[events["kind"].eq(kind).to_numpy(dtype=bool, na_value=False)]
+            chosen = chosen[chosen["at"].notna().to_numpy()]
+            self._events_by_kind[kind] = chosen.assign(at_ns=to_ns(chosen["at"]))
+        return self._events_by_kind[kind]
+
+    def event_posting_rows(self, kind: str) -> np.ndarray:
+        """The posting row of each of :meth:`events_of` ``kind`` (-1 for unknown postings)."""
+        if kind not in self._event_rows_by_kind:
+            numbers = self.events_of(kind)["posting_number"].astype("string")
+            self._event_rows_by_kind[kind] = self.posting_index.get_indexer(numbers).astype("int64")
+        return self._event_rows_by_kind[kind]
 
     @cached_property
     def pushes_collected(self) -> np.ndarray:
@@ -375,7 +415,7 @@ def build_promise_at(tables: HistoryTables, moments: pd.DataFrame) -> pd.DataFra
 # --- feature families -------------------------------------------------------------------------
 
 
-def _empty_family(ctx: FeatureContext, family: str) -> dict[str, np.ndarray]:
+def _empty_family(ctx: FeatureContext, family: str) -> dict[str, ColumnValues]:
     return {column: np.full(ctx.n, np.nan) for column in FEATURE_FAMILIES[family]}
 
 
@@ -452,13 +492,26 @@ class _PriceLog:
         return (currency >= 0) & (self.count(self.with_currency, start, stop) > same)
 
 
+def _encode_sorted(table_keys: pd.Series, query_keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`encode_keys`, but the codes follow the keys' sort order, not the row order.
+
+    Currency codes break ties between simultaneous price rows: codes by first appearance would
+    let the order of the input rows decide which of them is in force.
+    """
+    table = pd.Series(table_keys, dtype="string").reset_index(drop=True)
+    query = pd.Series(query_keys, dtype="string").reset_index(drop=True)
+    codes, _ = pd.factorize(pd.concat([table, query], ignore_index=True), sort=True)
+    codes = codes.astype("int64")
+    return codes[: len(table)], codes[len(table) :]
+
+
 def _relative_pct(value: np.ndarray, paid: np.ndarray, comparable: np.ndarray) -> np.ndarray:
     """(value / paid - 1) in percent where comparable and paid > 0, else NaN."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(comparable & (paid > 0), (value / paid - 1.0) * 100.0, np.nan)
 
 
-def build_price_since_purchase(ctx: FeatureContext) -> dict[str, np.ndarray]:
+def build_price_since_purchase(ctx: FeatureContext) -> dict[str, ColumnValues]:
     """The paid price against the price log of the posting's offers since purchase.
 
     Per line: the latest logged price at ``as_of`` vs the paid unit price, the lowest price in
@@ -476,7 +529,7 @@ def build_price_since_purchase(ctx: FeatureContext) -> dict[str, np.ndarray]:
         return out
     items = ctx.items
     offer, item_offer = encode_keys(prices["offer_id"].astype("string"), items["offer_id"])
-    currency, item_currency = encode_keys(
+    currency, item_currency = _encode_sorted(
         prices["currency_code"].astype("string"), items["currency_code"]
     )
     log = _PriceLog.build(
@@ -523,13 +576,13 @@ def build_price_since_purchase(ctx: FeatureContext) -> dict[str, np.ndarray]:
     return out
 
 
-def build_carrier_and_promise(ctx: FeatureContext) -> dict[str, np.ndarray]:
+def build_carrier_and_promise(ctx: FeatureContext) -> dict[str, ColumnValues]:
     """Carrier, promised lead time, time left to the deadlines, delivery-date changes known."""
     _, end_now, changes = _promise_at(ctx.tables, ctx.posting_index, ctx.posting_row, ctx.as_of_ns)
     _, end_at_order, _ = _promise_at(ctx.tables, ctx.posting_index, ctx.posting_row, ctx.ordered_ns)
     pushes = ctx.pushes_collected
     return {
-        "carrier": ctx.posting_values("carrier_id").astype("string").to_numpy(),
+        "carrier": ctx.posting_values("carrier_id").astype("string").array,
         "promised_lead_time_hours": _hours(end_at_order, ctx.ordered_ns),
         "hours_to_shipment_deadline": _hours(ctx.posting_ns("shipment_deadline_at"), ctx.as_of_ns),
         "hours_to_promised_delivery_end": _hours(end_now, ctx.as_of_ns),
@@ -542,17 +595,88 @@ def _posting_event_times(
     ctx: FeatureContext, kinds: tuple[str, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
     """(posting row, at_ns) of the posting events of ``kinds``, sorted by posting then time."""
-    frames = [ctx.events_of(kind) for kind in kinds]
-    posting_numbers = pd.concat([f["posting_number"].astype("string") for f in frames])
-    row = ctx.posting_index.get_indexer(posting_numbers).astype("int64")
-    at = np.concatenate([f["at_ns"].to_numpy() for f in frames])
+    row = np.concatenate([ctx.event_posting_rows(kind) for kind in kinds])
+    at = np.concatenate([ctx.events_of(kind)["at_ns"].to_numpy() for kind in kinds])
     row, at = row[row >= 0], at[row >= 0]
     order = np.lexsort((at, row))
     return row[order], at[order]
 
 
-def build_timeline(ctx: FeatureContext) -> dict[str, np.ndarray]:
-    """Where the posting is in its life: age, handover, carrier scans and silence since."""
+def _delivery_stage(
+    ctx: FeatureContext, handed_over: np.ndarray, handed_over_ns: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The furthest delivery stage reached at each ``as_of`` and when it was reached (ns).
+
+    Stages come from the state pushes known at ``as_of`` (:data:`DELIVERY_STAGES`); a known
+    handover counts as stage 1 from its time even without its push. Before any stage the
+    posting is at stage 0 since its order. NaN (NaT) while pushes were not being archived.
+    """
+    events = ctx.events_of("state_change")
+    stage = pd.Series(events["state"].astype("string").to_numpy(dtype=object)).map(DELIVERY_STAGES)
+    stage = stage.to_numpy(dtype="float64", na_value=np.nan)
+    row = ctx.event_posting_rows("state_change")
+    keep = (row >= 0) & ~np.isnan(stage)
+    row, at, stage = row[keep], events["at_ns"].to_numpy()[keep], stage[keep].astype("int64")
+    # Posting, then time, then stage: simultaneous pushes resolve the same whatever their order.
+    order = np.lexsort((stage, at, row))
+    row, at, stage = row[order], at[order], stage[order]
+    # The furthest stage so far within each posting: rows ascend, so a running maximum of
+    # (row, stage) packed into one key never carries a stage over to the next posting.
+    span = max(DELIVERY_STAGES.values()) + 1
+    reached, reached_at = stage, at
+    if len(row):
+        reached = np.maximum.accumulate(row * span + stage) - row * span
+        first = np.r_[True, (row[1:] != row[:-1]) | (reached[1:] != reached[:-1])]
+        reached_at = at[np.maximum.accumulate(np.where(first, np.arange(len(row)), 0))]
+
+    latest = latest_row(row, at, ctx.posting_row, ctx.as_of_ns)
+    stage_now = gather(reached.astype("float64"), latest, 0.0)
+    since_ns = gather(reached_at, latest, NAT_NS)
+    since_ns = np.where(latest >= 0, since_ns, ctx.ordered_ns)
+    handover_first = handed_over & (stage_now < HANDED_OVER_STAGE)
+    stage_now = np.where(handover_first, float(HANDED_OVER_STAGE), stage_now)
+    since_ns = np.where(handover_first, handed_over_ns, since_ns)
+    known = ctx.pushes_collected
+    return np.where(known, stage_now, np.nan), np.where(known, since_ns, NAT_NS)
+
+
+def _silent_hours_since_handover(
+    ctx: FeatureContext, activity_row: np.ndarray, activity_at: np.ndarray
+) -> np.ndarray:
+    """Hours of tracking silence since the handover, up to each ``as_of``.
+
+    The gaps between the handover, each later tracking event (scan or state push) and
+    ``as_of`` each count with what exceeds :data:`TOLERATED_SILENCE_HOURS`. Parcels barely move
+    while their tracking is silent, so the sum says how much of the time since the handover
+    the parcel spent stuck. NaN before the handover.
+    """
+    posting_handed_ns = to_ns(ctx.tables.postings["handed_over_at"])
+    handed_ns = gather(posting_handed_ns, activity_row, NAT_NS)
+    keep = (handed_ns != NAT_NS) & (activity_at >= handed_ns)
+    row, at, handed_ns = activity_row[keep], activity_at[keep], handed_ns[keep]
+    # Summed in integer nanoseconds: exact, so the sum does not depend on other postings.
+    silent_so_far_ns = np.zeros(len(row), dtype="int64")
+    if len(row):
+        starts = np.r_[True, row[1:] != row[:-1]]
+        previous = np.where(starts, handed_ns, np.r_[handed_ns[:1], at[:-1]])
+        tolerated = round(TOLERATED_SILENCE_HOURS * NS_PER_HOUR)
+        excess = np.maximum(at - previous - tolerated, 0)
+        total = np.cumsum(excess)
+        start_pos = np.maximum.accumulate(np.where(starts, np.arange(len(row)), 0))
+        silent_so_far_ns = total - (total - excess)[start_pos]
+
+    moment_handed_ns = ctx.posting_ns("handed_over_at")
+    handed_over = (moment_handed_ns != NAT_NS) & (moment_handed_ns <= ctx.as_of_ns)
+    latest = latest_row(row, at, ctx.posting_row, ctx.as_of_ns)
+    last_ns = np.where(latest >= 0, gather(at, latest, NAT_NS), moment_handed_ns)
+    open_gap = _hours(ctx.as_of_ns, last_ns) - TOLERATED_SILENCE_HOURS
+    silent_so_far = gather(silent_so_far_ns, latest, 0) / NS_PER_HOUR
+    silent = silent_so_far + np.maximum(np.nan_to_num(open_gap), 0.0)
+    return np.where(handed_over, silent, np.nan)
+
+
+def build_timeline(ctx: FeatureContext) -> dict[str, ColumnValues]:
+    """Where the posting is in its life: age, handover, delivery stage, scans and silence."""
     scan_row, scan_at = _posting_event_times(ctx, ("carrier_scan",))
     last_scan = latest_row(scan_row, scan_at, ctx.posting_row, ctx.as_of_ns)
     scan_count = gather(running_count(scan_row).astype("float64"), last_scan, 0.0)
@@ -568,6 +692,9 @@ def build_timeline(ctx: FeatureContext) -> dict[str, np.ndarray]:
 
     handed_over_ns = ctx.posting_ns("handed_over_at")
     handed_over = (handed_over_ns != NAT_NS) & (handed_over_ns <= ctx.as_of_ns)
+    stage, stage_since_ns = _delivery_stage(ctx, handed_over, handed_over_ns)
+    activity_row, activity_at = _posting_event_times(ctx, ("carrier_scan", "state_change"))
+    silent_hours = _silent_hours_since_handover(ctx, activity_row, activity_at)
     return {
         "hours_since_order": _hours(ctx.as_of_ns, ctx.ordered_ns),
         "is_handed_over": handed_over.astype("float64"),
@@ -577,10 +704,13 @@ def build_timeline(ctx: FeatureContext) -> dict[str, np.ndarray]:
         ),
         "carrier_scans": np.where(ctx.scans_collected, scan_count, np.nan),
         "hours_since_last_scan": _hours(ctx.as_of_ns, last_scan_ns),
+        "delivery_stage": stage,
+        "hours_in_delivery_stage": _hours(ctx.as_of_ns, stage_since_ns),
+        "silent_hours_since_handover": np.where(activity_known, silent_hours, np.nan),
     }
 
 
-def build_listing(ctx: FeatureContext) -> dict[str, np.ndarray]:
+def build_listing(ctx: FeatureContext) -> dict[str, ColumnValues]:
     """Product-card edits of the posting's offers after purchase, known at ``as_of``."""
     out = _empty_family(ctx, "listing")
     edits = ctx.events_of("card_edit")
@@ -651,16 +781,16 @@ def _as_float(values: pd.Series) -> np.ndarray:
     return values.astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
 
 
-def build_buyer_and_order(ctx: FeatureContext) -> dict[str, np.ndarray]:
+def build_buyer_and_order(ctx: FeatureContext) -> dict[str, ColumnValues]:
     """Who ordered what: region, payment, delivery type, premium, size, value, buyer history."""
     totals = _posting_order_totals(ctx)
     row = np.maximum(ctx.posting_row, 0)
     lines = totals["product_lines"].to_numpy()[row]
     history = ctx.history
     return {
-        "region": ctx.posting_values("region").astype("string").to_numpy(),
-        "payment_type": ctx.posting_values("payment_type").astype("string").to_numpy(),
-        "delivery_type": ctx.posting_values("delivery_type").astype("string").to_numpy(),
+        "region": ctx.posting_values("region").astype("string").array,
+        "payment_type": ctx.posting_values("payment_type").astype("string").array,
+        "delivery_type": ctx.posting_values("delivery_type").astype("string").array,
         "is_premium": _as_float(ctx.posting_values("is_premium")),
         "is_legal": _as_float(ctx.posting_values("is_legal")),
         "total_quantity": totals["total_quantity"].to_numpy()[row],
@@ -671,13 +801,13 @@ def build_buyer_and_order(ctx: FeatureContext) -> dict[str, np.ndarray]:
     }
 
 
-def build_history_rates(ctx: FeatureContext) -> dict[str, np.ndarray]:
+def build_history_rates(ctx: FeatureContext) -> dict[str, ColumnValues]:
     """Smoothed buyer-cancellation rates of the carrier, the SKUs and the region at ``as_of``."""
     history = ctx.history
     return {column: history[column].to_numpy() for column in FEATURE_FAMILIES["history_rates"]}
 
 
-FAMILY_BUILDERS: dict[str, Callable[[FeatureContext], dict[str, np.ndarray]]] = {
+FAMILY_BUILDERS: dict[str, Callable[[FeatureContext], dict[str, ColumnValues]]] = {
     "price_since_purchase": build_price_since_purchase,
     "carrier_and_promise": build_carrier_and_promise,
     "timeline": build_timeline,
@@ -736,23 +866,35 @@ def build_feature_rows(
     order = np.argsort(to_ns(normalised["as_of"]), kind="stable")
     ctx = FeatureContext(tables, normalised.take(order).reset_index(drop=True), aggregates)
 
-    columns: dict[str, np.ndarray] = {}
+    columns: dict[str, ColumnValues] = {}
     for builder in FAMILY_BUILDERS.values():
         columns.update(builder(ctx))
     restore = np.empty_like(order)
     restore[order] = np.arange(len(order))
-    columns = {name: np.asarray(values)[restore] for name, values in columns.items()}
+    columns = {name: _take(values, restore) for name, values in columns.items()}
     unknown = ctx.posting_row[restore] < 0
     if unknown.any():
         logger.warning("%d moments refer to postings the tables do not hold", int(unknown.sum()))
-        columns = {
-            name: np.where(unknown, None if name in CATEGORICAL_COLUMNS else np.nan, values)
-            for name, values in columns.items()
-        }
+        columns = {name: _blank(values, unknown) for name, values in columns.items()}
     return _assemble(columns, moments.index)
 
 
-def _assemble(columns: dict[str, np.ndarray], index: pd.Index) -> pd.DataFrame:
+def _take(values: ColumnValues, rows: np.ndarray) -> ColumnValues:
+    if isinstance(values, pd.api.extensions.ExtensionArray):
+        return values.take(rows)
+    return np.asarray(values)[rows]
+
+
+def _blank(values: ColumnValues, where: np.ndarray) -> ColumnValues:
+    """``values`` missing (NA or NaN) where ``where``."""
+    if isinstance(values, pd.api.extensions.ExtensionArray):
+        values = values.copy()
+        values[where] = pd.NA
+        return values
+    return np.where(where, np.nan, values)
+
+
+def _assemble(columns: dict[str, ColumnValues], index: pd.Index) -> pd.DataFrame:
     """The feature frame: :data:`FEATURE_COLUMNS` in order, strings or floats."""
     data = {
         column: pd.array(columns[column], dtype="string")

@@ -303,13 +303,23 @@ def true_probabilities(
     Rolls the world forward ``truth_rollouts`` times from the same state (offers included, each
     replica with its own future prices and card edits) and averages the Rao-Blackwellised
     buyer-cancellation probability of each path.
+
+    A tracking blackout's end is drawn when the blackout begins, but it is the future, not part
+    of the state at hour ``t``: each replica draws what remains of a running blackout afresh.
+    Blackout lengths are exponential, so the remainder has the same law as a new blackout and
+    the world's dynamics are unchanged; only the truth stops knowing when the blackout ends.
     """
     reps = config.truth_rollouts
     rng = np.random.default_rng([config.seed, 1])
+    arrays = world_arrays()
     n_offers = len(pop.offers.list_price)
     sub, _ = sub_population(pop, open_index)
     n = open_index.size
     postings = sub.postings.take(np.tile(np.arange(n), reps))
+    blackout_left = rng.exponential(arrays["quiet_days"][postings.carrier] * DAY)
+    postings.quiet_until = np.where(
+        postings.quiet_until > t, t + blackout_left, postings.quiet_until
+    )
     line_rep = np.repeat(np.arange(reps), len(sub.lines.posting))
     lines = sub.lines.take(np.tile(np.arange(len(sub.lines.posting)), reps))
     lines.posting = lines.posting + line_rep * n
@@ -322,7 +332,6 @@ def true_probabilities(
     buyer_prob = np.zeros(n * reps)
     path = np.arange(n * reps)  # which path each row of the shrinking rollout is
     total = np.zeros(n * reps)
-    arrays = world_arrays()
     end = t + config.horizon_days * DAY
     steps = 0
     while t < end and path.size:
