@@ -7,9 +7,9 @@ row as a dict, so this module runs the same steps on arrays:
 
 - :class:`MatrixEncoder` builds the booster's matrix as ``FeatureEncoder.build_matrix`` does
   (numbers as floats, a category as the position of its level, an unseen level as NaN);
-- :class:`FastExplainer` runs ``build_explanations``' own parts in its order: the cause rules
-  (``CAUSE_RULES``), the log-odds shift, the ranking, the fact templates of the playbook
-  (``describe_reason``), the decision (``build_decisions``) and the actions.
+- :class:`FastExplainer` hands the matrix and the rows' fact values to
+  ``training.explain.Explainer``, the code ``build_explanations`` runs: the counterfactuals, the
+  ranking, the facts, the decision and the actions.
 
 Nothing here decides anything on its own. The results equal the frame-based functions
 (``tests/test_serving_parity.py``); each model is checked on probe requests when it is loaded
@@ -24,22 +24,15 @@ from typing import Any
 
 import numpy as np
 
-import training.explain as explain
 from training.explain import (
-    CAUSE_RULES,
-    CAUSES,
+    FACT_NUMBER_COLUMNS,
+    FACT_TEXT_COLUMNS,
+    Explainer,
     Explanation,
-    Reason,
-    build_decisions,
-    describe_reason,
-    load_playbook,
-    model_costs,
-    reference_codes,
+    fact_values,
+    rank_causes,
 )
 from training.model import RiskModel
-
-# The private helpers of build_explanations this module calls, so both run the same code.
-_HELPERS = ("_Matrix", "_shift_log_odds", "_rank_causes", "_actions")
 
 
 class MatrixEncoder:
@@ -67,46 +60,7 @@ class FastExplainer:
     """``build_explanations`` for rows given as the model matrix and the rows' dicts."""
 
     def __init__(self, model: RiskModel) -> None:
-        missing = [name for name in _HELPERS if not hasattr(explain, name)]
-        if missing:
-            raise ValueError(f"training.explain no longer has {missing}")
-        self.model = model
-        self.playbook = load_playbook()
-        self.costs = model_costs(model)
-        self.positions = {column: i for i, column in enumerate(model.feature_columns)}
-        self.reference_codes = reference_codes(model)
-        self.reference = {
-            k: str(v)
-            for k, v in (model.metadata.get("reference_values") or {}).items()
-            if v is not None
-        }
-
-    def risk_drops(
-        self, matrix: np.ndarray, raw: np.ndarray, probabilities: np.ndarray
-    ) -> np.ndarray:
-        """``build_risk_drops`` as an array (rows x ``CAUSES``; NaN: the cause does not apply)."""
-        base = explain._Matrix(matrix, self.positions)
-        blocks, owners = [], []
-        for cause in CAUSE_RULES:
-            rows = np.flatnonzero(cause.applies(base, self.reference_codes))
-            if rows.size == 0:
-                continue
-            variant = explain._Matrix(matrix[rows].copy(), self.positions)
-            cause.fix(variant, self.reference_codes)
-            blocks.append(variant.values)
-            owners.append((CAUSES.index(cause.code), rows))
-        drops = np.full((len(matrix), len(CAUSES)), np.nan)
-        if not blocks:
-            return drops
-        fixed_raw = self.model.predict_matrix_raw(np.vstack(blocks))
-        start = 0
-        for column, rows in owners:
-            fixed = explain._shift_log_odds(
-                probabilities[rows], raw[rows], fixed_raw[start : start + rows.size]
-            )
-            drops[rows, column] = probabilities[rows] - fixed
-            start += rows.size
-        return drops
+        self.explainer = Explainer(model)
 
     def explain(
         self,
@@ -116,35 +70,23 @@ class FastExplainer:
         rows: Sequence[Mapping[str, Any]],
         lang: str,
     ) -> list[Explanation]:
-        handed_over = np.array(
-            [
-                0.0
-                if row["is_handed_over"] is None or math.isnan(row["is_handed_over"])
-                else row["is_handed_over"]
-                for row in rows
-            ],
-            dtype="float64",
+        handed_over = np.array([_number(row["is_handed_over"]) for row in rows], dtype="float64")
+        handed_over = np.nan_to_num(handed_over, nan=0.0)
+        drops = self.explainer.risk_drops(matrix, raw, probabilities)
+
+        def values_of(positions: np.ndarray) -> list[dict[str, float | str]]:
+            chosen = [rows[i] for i in positions.tolist()]
+            numbers = {
+                column: np.array([_number(row[column]) for row in chosen], dtype="float64")
+                for column in FACT_NUMBER_COLUMNS
+            }
+            texts = {column: [row[column] for row in chosen] for column in FACT_TEXT_COLUMNS}
+            return fact_values(numbers, texts)
+
+        return self.explainer.explain(
+            probabilities, handed_over, rank_causes(drops), values_of, lang
         )
-        decisions, savings = build_decisions(probabilities, handed_over, self.costs)
-        drops = self.risk_drops(matrix, raw, probabilities)
-        ranked = explain._rank_causes(drops, probabilities)
-        explanations = []
-        for i, (row, causes) in enumerate(zip(rows, ranked, strict=True)):
-            reasons = []
-            for cause_index, drop in causes:
-                code = CAUSES[cause_index]
-                facts, numbers = describe_reason(code, row, lang, self.playbook, self.reference)
-                share = drop / probabilities[i] if probabilities[i] > 0 else 0.0
-                reasons.append(
-                    Reason(code, round(float(share), 4), round(float(drop), 6), facts, numbers)
-                )
-            decision = str(decisions[i])
-            explanations.append(
-                Explanation(
-                    reasons=tuple(reasons),
-                    actions=explain._actions(tuple(reasons), decision, lang, self.playbook),
-                    decision=decision,
-                    expected_saving=round(float(savings[i]), 4),
-                )
-            )
-        return explanations
+
+
+def _number(value: Any) -> float:
+    return math.nan if value is None else float(value)

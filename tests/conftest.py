@@ -194,8 +194,13 @@ def tiny_model_dir(simulated_history: Path, tmp_path_factory: pytest.TempPathFac
 
     tables = load_history(simulated_history)
     as_of = tables.latest_event_at()
+    # 50 days are too short for the default 40-day label window: 14 days keep 36 to learn from.
     config = load_training_config(
-        None, {"lightgbm": {"num_boost_round": 60, "early_stopping_rounds": 10}}
+        None,
+        {
+            "lightgbm": {"num_boost_round": 60, "early_stopping_rounds": 10},
+            "snapshots": {"label_window_days": 14},
+        },
     )
     training_set = build_training_set(tables, as_of, config.snapshots)
     model = fit_cancel_risk_model(

@@ -72,6 +72,12 @@ def test_a_large_price_drop_is_the_top_reason(shop):
     tables, model, as_of = shop
     posting = _calm_posting(tables, model, as_of)
     offer, paid = _offer_of(tables, posting)
+    # The seller cut the price two hours ago and it stays cut: the shop's daily price rows of
+    # this offer since then are dropped, or the one at as_of would restore it.
+    events = tables.events
+    later_rows = events["kind"].eq("price") & events["offer_id"].eq(offer)
+    later_rows &= events["at"] > as_of - 2 * HOUR
+    tables = replace(tables, events=events[~later_rows.to_numpy(dtype=bool, na_value=False)])
     tables = _with_events(
         tables,
         [{"at": as_of - 2 * HOUR, "kind": "price", "offer_id": offer, "price": paid * 0.6}],

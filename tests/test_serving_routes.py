@@ -27,6 +27,7 @@ from serving.scoring import MicroBatcher
 from serving.settings import ServiceSettings, SettingsError
 from serving.validation import reject_error
 from training.explain import DECISIONS, LANGUAGES
+from training.features import FEATURE_VERSION
 from training.model import RISK_LEVELS
 
 KEY = "scoring-key-0123456789"
@@ -108,7 +109,7 @@ def test_score_returns_probability_level_reasons_and_decision(
     assert len(scored["reasons"]) <= 3
     for reason in scored["reasons"]:
         assert reason["risk_drop"] > 0 and reason["facts"]
-    assert scored["model"]["feature_version"] == "1"
+    assert scored["model"]["feature_version"] == FEATURE_VERSION
     assert scored["as_of"].startswith(body["as_of"][:19])
     metrics = client.get("/metrics").text
     assert 'cancel_risk_scores_total{path="fast"' in metrics
@@ -117,7 +118,7 @@ def test_score_returns_probability_level_reasons_and_decision(
 def test_model_info(client: TestClient) -> None:
     info = client.get("/v1/model").json()
     assert info["source"] == "local_path"
-    assert info["feature_version"] == "1"
+    assert info["feature_version"] == FEATURE_VERSION
     assert info["scoring_path"] == "fast", info["fast_path_note"]
 
 
@@ -247,6 +248,8 @@ CASES_422 = [
     (("as_of",), "yesterday", ["body", "as_of"], "datetime"),
     (("as_of",), "1990-01-01T00:00:00Z", ["body", "as_of"], "between 2000 and 2200"),
     (("as_of",), "2199-01-01T00:00:00Z", ["body", "as_of"], "in the future"),
+    (("as_of",), "0001-01-01T00:00:00+01:00", ["body", "as_of"], "between 2000 and 2200"),
+    (("as_of",), "9999-12-31T23:59:59-01:00", ["body", "as_of"], "between 2000 and 2200"),
     (("posting", "posting_number"), _DELETE, ["body", "posting", "posting_number"], "no posting"),
     (("posting", "in_process_at"), "31/02/2026", ["body", "posting", "in_process_at"], "not a"),
     (("posting", "products"), [], ["body", "posting", "products"], "no products"),

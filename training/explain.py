@@ -18,7 +18,7 @@ shown and the actions, in English, Chinese and Russian.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -339,8 +339,22 @@ def build_risk_drops(
     raw = model.predict_matrix_raw(matrix)
     if probabilities is None:
         probabilities = model.calibrator.transform(raw)
+    drops = risk_drop_matrix(model, matrix, raw, np.asarray(probabilities, dtype="float64"))
+    return pd.DataFrame(drops, index=features.index, columns=list(CAUSES))
+
+
+def risk_drop_matrix(
+    model: RiskModel,
+    matrix: np.ndarray,
+    raw: np.ndarray,
+    probabilities: np.ndarray,
+    reference: Mapping[str, float] | None = None,
+) -> np.ndarray:
+    """:func:`build_risk_drops` on the model matrix: rows x :data:`CAUSES`, NaN where a cause
+    does not apply. ``raw`` is the booster's score of ``matrix``; ``reference`` the typical
+    order's values in matrix encoding (:func:`reference_codes`, looked up when not given)."""
+    reference = reference_codes(model) if reference is None else reference
     positions = {c: i for i, c in enumerate(model.feature_columns)}
-    reference = reference_codes(model)
     base = _Matrix(matrix, positions)
     blocks, owners = [], []
     for cause in CAUSE_RULES:
@@ -350,18 +364,17 @@ def build_risk_drops(
         variant = _Matrix(matrix[rows].copy(), positions)
         cause.fix(variant, reference)
         blocks.append(variant.values)
-        owners.append((cause.code, rows))
-    drops = pd.DataFrame(np.nan, index=features.index, columns=list(CAUSES))
+        owners.append((CAUSES.index(cause.code), rows))
+    drops = np.full((len(matrix), len(CAUSES)), np.nan)
     if not blocks:
         return drops
     fixed_raw = model.predict_matrix_raw(np.vstack(blocks))
     start = 0
-    for code, rows in owners:
-        column = drops.columns.get_loc(code)
+    for column, rows in owners:
         fixed = _shift_log_odds(
             probabilities[rows], raw[rows], fixed_raw[start : start + rows.size]
         )
-        drops.iloc[rows, column] = probabilities[rows] - fixed
+        drops[rows, column] = probabilities[rows] - fixed
         start += rows.size
     return drops
 
@@ -396,29 +409,74 @@ FACTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _fact_values(row: Mapping[str, object]) -> dict[str, float | str]:
-    def number(column: str) -> float:
-        value = row.get(column)
-        return float(value) if value is not None and not pd.isna(value) else float("nan")
+# The feature columns the facts quote: numbers, and names shown as they are.
+FACT_NUMBER_COLUMNS = (
+    "price_change_pct",
+    "lowest_price_change_pct",
+    "hours_to_promised_delivery_end",
+    "delivery_date_changes",
+    "hours_since_last_activity",
+    "hours_since_order",
+    "card_edits_since_purchase",
+    "buyer_earlier_buyer_cancels",
+    "buyer_earlier_postings",
+    "carrier_buyer_cancel_rate",
+)
+FACT_TEXT_COLUMNS = ("payment_type", "region", "carrier")
 
-    price_now, lowest = number("price_change_pct"), number("lowest_price_change_pct")
-    to_promise = number("hours_to_promised_delivery_end")
-    return {
-        "price_pct": price_now if _lt(np.array([price_now]), -0.5)[0] else lowest,
-        "days_late": max(0.0, -to_promise / 24.0) if not np.isnan(to_promise) else float("nan"),
+
+def fact_values(
+    numbers: Mapping[str, np.ndarray], texts: Mapping[str, Sequence[object]]
+) -> list[dict[str, float | str]]:
+    """The values the fact templates quote, one dict per row, computed column by column.
+
+    ``numbers`` holds :data:`FACT_NUMBER_COLUMNS` as float arrays (NaN: unknown), ``texts``
+    holds :data:`FACT_TEXT_COLUMNS` as sequences of strings (None or NA: unknown, shown "?").
+    """
+    price_now = numbers["price_change_pct"]
+    to_promise = numbers["hours_to_promised_delivery_end"]
+    hours_since_order = numbers["hours_since_order"]
+    overdue_days = -to_promise / 24.0
+    columns: dict[str, np.ndarray | list] = {
+        "price_pct": np.where(_lt(price_now, -0.5), price_now, numbers["lowest_price_change_pct"]),
+        "days_late": np.where(  # max(0, overdue) as Python's max gives it: never -0.0
+            np.isnan(to_promise), np.nan, np.where(overdue_days > 0.0, overdue_days, 0.0)
+        ),
         "days_to_promise": to_promise / 24.0,
-        "date_changes": number("delivery_date_changes"),
-        "quiet_days": number("hours_since_last_activity") / 24.0,
-        "days_since_order": number("hours_since_order") / 24.0,
-        "hours_since_order": number("hours_since_order"),
-        "edits": number("card_edits_since_purchase"),
-        "earlier_cancels": number("buyer_earlier_buyer_cancels"),
-        "earlier_postings": number("buyer_earlier_postings"),
-        "payment": str(row.get("payment_type") or "?"),
-        "region": str(row.get("region") or "?"),
-        "carrier": str(row.get("carrier") or "?"),
-        "carrier_cancel_pct": 100.0 * number("carrier_buyer_cancel_rate"),
+        "date_changes": numbers["delivery_date_changes"],
+        "quiet_days": numbers["hours_since_last_activity"] / 24.0,
+        "days_since_order": hours_since_order / 24.0,
+        "hours_since_order": hours_since_order,
+        "edits": numbers["card_edits_since_purchase"],
+        "earlier_cancels": numbers["buyer_earlier_buyer_cancels"],
+        "earlier_postings": numbers["buyer_earlier_postings"],
+        "payment": _shown(texts["payment_type"]),
+        "region": _shown(texts["region"]),
+        "carrier": _shown(texts["carrier"]),
+        "carrier_cancel_pct": 100.0 * numbers["carrier_buyer_cancel_rate"],
     }
+    names = list(columns)
+    values = [
+        column.tolist() if isinstance(column, np.ndarray) else column for column in columns.values()
+    ]
+    return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+
+
+def frame_fact_values(features: pd.DataFrame) -> list[dict[str, float | str]]:
+    """:func:`fact_values` of the rows of a feature frame."""
+    return fact_values(
+        {c: features[c].to_numpy(dtype="float64", na_value=np.nan) for c in FACT_NUMBER_COLUMNS},
+        {c: features[c].tolist() for c in FACT_TEXT_COLUMNS},
+    )
+
+
+def _shown(names: Sequence[object]) -> list[str]:
+    return [name if isinstance(name, str) and name else "?" for name in names]
+
+
+def _quoted_numbers(values: Mapping[str, float | str]) -> dict[str, float]:
+    """The known numbers among a row's fact values (a reason's ``values``)."""
+    return {k: v for k, v in values.items() if isinstance(v, float) and v == v}
 
 
 def _facts_that_hold(
@@ -443,20 +501,17 @@ def _facts_that_hold(
 
 def describe_reason(
     cause: str,
-    row: Mapping[str, object],
+    values: Mapping[str, float | str],
     lang: str,
     playbook: Playbook,
     reference: Mapping[str, str],
-) -> tuple[str, dict[str, float]]:
-    """The facts behind ``cause`` for one order, as text in ``lang``, and their numbers."""
-    values = _fact_values(row)
+) -> str:
+    """The facts behind ``cause`` for one order (its :func:`fact_values`), as text in ``lang``."""
     entry = playbook.causes[cause]
-    texts = [
-        entry.facts[name].get(lang).format(**values)
+    return "; ".join(
+        entry.facts[name].get(lang).format_map(values)
         for name in _facts_that_hold(cause, values, reference)
-    ]
-    numbers = {k: float(v) for k, v in values.items() if isinstance(v, float) and not np.isnan(v)}
-    return "; ".join(texts), numbers
+    )
 
 
 # --- decisions ---------------------------------------------------------------------------------
@@ -512,58 +567,111 @@ def build_explanations(
     ``with_reasons`` (boolean per row) limits the counterfactual work to the rows that need
     reasons, e.g. medium and high risk in a nightly batch; the others get the decision only.
     """
-    if lang not in LANGUAGES:
-        raise ValueError(f"lang must be one of {LANGUAGES}, not {lang!r}")
-    playbook = playbook or load_playbook()
-    costs = costs or model_costs(model)
+    explainer = Explainer(model, playbook=playbook, costs=costs)
     probabilities = np.asarray(probabilities, dtype="float64")
-    decisions, savings = build_decisions(
-        probabilities, features["is_handed_over"].to_numpy(dtype="float64", na_value=0.0), costs
-    )
     rows = np.arange(len(features)) if with_reasons is None else np.flatnonzero(with_reasons)
-    drops = build_risk_drops(model, features.iloc[rows], probabilities[rows])
-    reference = {
-        k: str(v)
-        for k, v in (model.metadata.get("reference_values") or {}).items()
-        if v is not None
-    }
-    ranked = _rank_causes(drops.to_numpy(), probabilities[rows])
-    records = features.iloc[rows].to_dict("records")
-    reasons_of: dict[int, tuple[Reason, ...]] = {}
-    for k, (row, causes) in enumerate(zip(records, ranked, strict=True)):
+    part = features.iloc[rows]
+    matrix = model.build_matrix(part)
+    drops = explainer.risk_drops(matrix, model.predict_matrix_raw(matrix), probabilities[rows])
+    ranked: list[list[tuple[int, float]]] = [[] for _ in range(len(features))]
+    for row, causes in zip(rows.tolist(), rank_causes(drops), strict=True):
+        ranked[row] = causes
+    return explainer.explain(
+        probabilities,
+        features["is_handed_over"].to_numpy(dtype="float64", na_value=0.0),
+        ranked,
+        lambda explained: frame_fact_values(features.iloc[explained]),
+        lang,
+    )
+
+
+class Explainer:
+    """One model's explanations: what the batch, the report and the REST service all run.
+
+    Rows come as the model matrix (for the counterfactuals) and, for the rows that get
+    reasons, their :func:`fact_values` (for the texts), so a caller holding rows as dicts and
+    one holding a feature frame share every step.
+    """
+
+    def __init__(
+        self, model: RiskModel, playbook: Playbook | None = None, costs: CostsConfig | None = None
+    ) -> None:
+        self.model = model
+        self.playbook = playbook or load_playbook()
+        self.costs = costs or model_costs(model)
+        self.reference_codes = reference_codes(model)
+        self.reference = {
+            k: str(v)
+            for k, v in (model.metadata.get("reference_values") or {}).items()
+            if v is not None
+        }
+
+    def risk_drops(
+        self, matrix: np.ndarray, raw: np.ndarray, probabilities: np.ndarray
+    ) -> np.ndarray:
+        return risk_drop_matrix(self.model, matrix, raw, probabilities, self.reference_codes)
+
+    def explain(
+        self,
+        probabilities: np.ndarray,
+        handed_over: np.ndarray,
+        ranked: Sequence[Sequence[tuple[int, float]]],
+        values_of: Callable[[np.ndarray], list[dict[str, float | str]]],
+        lang: str,
+    ) -> list[Explanation]:
+        """Explanations of rows whose causes are ranked (:func:`rank_causes`, empty: none).
+
+        ``values_of`` gives the :func:`fact_values` of the rows at the positions it is given:
+        only the rows with reasons need them.
+        """
+        if lang not in LANGUAGES:
+            raise ValueError(f"lang must be one of {LANGUAGES}, not {lang!r}")
+        decisions, savings = build_decisions(probabilities, handed_over, self.costs)
+        explained = np.flatnonzero([bool(causes) for causes in ranked])
+        values = dict(zip(explained.tolist(), values_of(explained), strict=True))
+        actions_of: dict[tuple[tuple[str, ...], str], tuple[str, ...]] = {}
+        explanations = []
+        for i, (causes, decision, saving) in enumerate(
+            zip(ranked, decisions.tolist(), savings.tolist(), strict=True)
+        ):
+            reasons = (
+                self._reasons(causes, values[i], float(probabilities[i]), lang) if causes else ()
+            )
+            codes = tuple(reason.code for reason in reasons)
+            actions = actions_of.get((codes, decision))
+            if actions is None:
+                actions = _actions(reasons, decision, lang, self.playbook)
+                actions_of[(codes, decision)] = actions
+            explanations.append(Explanation(reasons, actions, decision, round(saving, 4)))
+        return explanations
+
+    def _reasons(
+        self,
+        causes: Sequence[tuple[int, float]],
+        values: Mapping[str, float | str],
+        probability: float,
+        lang: str,
+    ) -> tuple[Reason, ...]:
+        numbers = _quoted_numbers(values)
         reasons = []
         for cause_index, drop in causes:
             code = CAUSES[cause_index]
-            facts, numbers = describe_reason(code, row, lang, playbook, reference)
-            share = drop / probabilities[rows[k]] if probabilities[rows[k]] > 0 else 0.0
-            reasons.append(
-                Reason(code, round(float(share), 4), round(float(drop), 6), facts, numbers)
-            )
-        reasons_of[int(rows[k])] = tuple(reasons)
-    explanations = []
-    for i in range(len(features)):
-        reasons = reasons_of.get(i, ())
-        explanations.append(
-            Explanation(
-                reasons=reasons,
-                actions=_actions(reasons, str(decisions[i]), lang, playbook),
-                decision=str(decisions[i]),
-                expected_saving=round(float(savings[i]), 4),
-            )
-        )
-    return explanations
+            facts = describe_reason(code, values, lang, self.playbook, self.reference)
+            share = drop / probability if probability > 0 else 0.0
+            reasons.append(Reason(code, round(share, 4), round(drop, 6), facts, dict(numbers)))
+        return tuple(reasons)
 
 
-def _rank_causes(drops: np.ndarray, probabilities: np.ndarray) -> list[list[tuple[int, float]]]:
+def rank_causes(drops: np.ndarray) -> list[list[tuple[int, float]]]:
     """Per row, up to MAX_REASONS (cause index, drop) with a real drop, largest first."""
-    ranked = []
     clean = np.nan_to_num(drops, nan=-np.inf)
     order = np.argsort(-clean, axis=1, kind="stable")[:, :MAX_REASONS]
-    for r in range(len(drops)):
-        ranked.append(
-            [(int(c), float(clean[r, c])) for c in order[r] if clean[r, c] >= MIN_RISK_DROP]
-        )
-    return ranked
+    top = np.take_along_axis(clean, order, axis=1)
+    named = top >= MIN_RISK_DROP
+    return [
+        [(cause, drop) for cause, drop, keep in zip(o, t, k, strict=True) if keep]
+        for o, t, k in zip(order.tolist(), top.tolist(), named.tolist(), strict=True)
+    ]
 
 
 MAX_ACTIONS = 4

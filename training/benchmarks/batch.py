@@ -134,7 +134,12 @@ def load_or_train_model(cache_dir: Path) -> Path:
     from training.simulator import SimulationConfig, simulate_shop, write_history
     from training.train import fit_cancel_risk_model
 
-    name = "model-d{days}-o{orders_per_day}-s{seed}".format(**MODEL_SHOP)
+    from training.features import FEATURE_VERSION
+
+    # The feature version is in the name: a model of older features cannot score this code's.
+    name = "model-f{version}-d{days}-o{orders_per_day}-s{seed}".format(
+        version=FEATURE_VERSION, **MODEL_SHOP
+    )
     model_dir = cache_dir / name / "model"
     if (model_dir / "model.json").is_file():
         return model_dir
@@ -255,7 +260,9 @@ def run_floor(history: Path, model_dir: Path, repeats: int) -> dict:
 def _run_worker(args: list[str]) -> dict:
     """Run this module as a worker in a fresh interpreter and read its JSON result."""
     command = [sys.executable, "-m", "training.benchmarks.batch", "--worker", *args]
-    completed = subprocess.run(command, check=True, capture_output=True, text=True)  # noqa: S603
+    completed = subprocess.run(  # noqa: S603 (this module in this interpreter, no shell)
+        command, check=True, capture_output=True, text=True
+    )
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
