@@ -152,12 +152,13 @@ class _Matrix:
         self.values[:, self.positions[column]] = values
 
 
+# Comparisons where an unknown (NaN) value never meets the bound, as IEEE comparisons already do.
 def _gt(x: np.ndarray, bound: float) -> np.ndarray:
-    return np.nan_to_num(x, nan=-np.inf) > bound
+    return np.greater(x, bound)
 
 
 def _lt(x: np.ndarray, bound: float) -> np.ndarray:
-    return np.nan_to_num(x, nan=np.inf) < bound
+    return np.less(x, bound)
 
 
 @dataclass(frozen=True)
