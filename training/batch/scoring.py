@@ -107,13 +107,46 @@ def resolve_as_of(
         now = _utc(now if now is not None else pd.Timestamp.now(tz="UTC"))
         if moment > now + FUTURE_TOLERANCE:
             raise AsOfError(
-                f"the latest timestamp in the history, {moment.isoformat()}, is in the future: "
+                f"the latest timestamp in the history, {moment.isoformat()}, is in the future "
+                f"({describe_future_records(tables, now + FUTURE_TOLERANCE)}): "
                 "a record carries a wrong date; give the export moment with --as-of"
             )
     else:
         moment = _utc(pd.Timestamp(as_of))
     # Microseconds are what Parquet and Spark keep; features are computed at the same moment.
     return moment.floor("us").as_unit("ns")
+
+
+# Timestamp columns of the postings table that can date the export, as in latest_event_at.
+_POSTING_TIME_COLUMNS = ("ordered_at", "handed_over_at", "cancelled_at", "delivered_at")
+
+
+def describe_future_records(tables: HistoryTables, limit: pd.Timestamp) -> str:
+    """Where the timestamps after ``limit`` are: the latest one's record, and how many more.
+
+    The latest timestamp is what would have become ``as_of``; naming its file and line lets
+    the seller fix the record rather than search the export for it.
+    """
+    sources = [
+        (tables.postings, column, f"{column} of posting {{posting_number}}")
+        for column in _POSTING_TIME_COLUMNS
+    ]
+    sources.append((tables.events, "at", "a {kind} event"))
+    latest: tuple[pd.Timestamp, str] | None = None
+    count = 0
+    for frame, column, what in sources:
+        late = frame[column].where((frame[column] > limit).fillna(False).to_numpy(dtype=bool))
+        count += int(late.notna().sum())
+        if late.notna().any():
+            row = frame.loc[late.idxmax()]
+            if latest is None or row[column] > latest[0]:
+                where = f"{row['source_file']} line {row['source_line']}"
+                latest = (row[column], f"{what.format(**row.to_dict())}, {where}")
+    if latest is None:
+        return "no record located"
+    others = count - 1
+    more = f"; {others} more timestamp{'s' if others > 1 else ''} in the future" if others else ""
+    return latest[1] + more
 
 
 def _utc(moment: pd.Timestamp) -> pd.Timestamp:

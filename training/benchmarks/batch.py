@@ -130,11 +130,10 @@ def load_or_train_model(cache_dir: Path) -> Path:
     """A model trained with the default configuration on a separate simulated shop (cached)."""
     from training.config import load_training_config
     from training.dataset import build_training_set, fit_training_aggregates
+    from training.features import FEATURE_VERSION
     from training.ingest import load_history
     from training.simulator import SimulationConfig, simulate_shop, write_history
     from training.train import fit_cancel_risk_model
-
-    from training.features import FEATURE_VERSION
 
     # The feature version is in the name: a model of older features cannot score this code's.
     name = "model-f{version}-d{days}-o{orders_per_day}-s{seed}".format(

@@ -77,6 +77,43 @@ def build_merged_postings(
     return winners, kept_items.reset_index(drop=True)
 
 
+# Examples of conflicting duplicates named in the warning; the count covers all of them.
+CONFLICTS_SHOWN = 5
+
+
+def build_status_conflict_warning(postings: pd.DataFrame) -> str | None:
+    """A warning naming postings that have both a delivered and a cancelled record.
+
+    Repeats of a posting normally show its progress, which the merge follows; two final
+    statuses contradict each other, and the one read later is kept only because a choice must
+    be made, so the seller is told which records disagree (file and line of each).
+    """
+    duplicated = postings["posting_number"].duplicated(keep=False).to_numpy()
+    if not duplicated.any():
+        return None
+    final = postings[duplicated & postings["status"].isin(TERMINAL_STATUSES).to_numpy(bool)]
+    kinds = final.groupby("posting_number", sort=False)["status"].nunique()
+    conflicting = kinds.index[kinds.to_numpy() > 1]
+    if not len(conflicting):
+        return None
+    examples = []
+    for number in conflicting[:CONFLICTS_SHOWN]:
+        records = final[final["posting_number"] == number].sort_values(RECORD_SEQ)
+        where = ", ".join(
+            f"{status} in {file} line {line}"
+            for status, file, line in zip(
+                records["status"], records["source_file"], records["source_line"], strict=True
+            )
+        )
+        examples.append(f"{number} ({where})")
+    more = len(conflicting) - len(examples)
+    count = f"{len(conflicting)} postings have" if len(conflicting) > 1 else "1 posting has"
+    return (
+        f"{count} both a delivered and a cancelled record; the one read later is kept: "
+        f"{'; '.join(examples)}" + (f"; and {more} more" if more else "")
+    )
+
+
 def build_closed_postings(postings: pd.DataFrame, events: pd.DataFrame) -> tuple[pd.DataFrame, int]:
     """Resolve ``cancelled_at``/``delivered_at`` from the pushes and close stale snapshots.
 
@@ -175,6 +212,7 @@ def build_history_tables(
 ) -> HistoryTables:
     """Assemble the normalised tables and the load report from all readers' fragments."""
     postings, items = build_sequenced(posting_batches)
+    conflict_warning = build_status_conflict_warning(postings)
     merged, kept_items = build_merged_postings(postings, items)
     events = concat_frames([b.frame for b in event_batches], empty_events())
     if not events["at"].is_monotonic_increasing:
@@ -189,6 +227,7 @@ def build_history_tables(
         files_read[batch.source] = files_read.get(batch.source, 0) + batch.records_read
     report_warnings = [
         *warnings,
+        *([conflict_warning] if conflict_warning else []),
         *build_push_warnings(event_batches),
         *_unreadable_date_warnings(all_batches),
     ]

@@ -20,8 +20,13 @@ from training.ingest.batches import (
     build_rejects,
     empty_items,
 )
-from training.ingest.postings import build_product_checks, normalise_words
+from training.ingest.postings import (
+    build_early_order_mask,
+    build_product_checks,
+    normalise_words,
+)
 from training.ingest.values import (
+    EARLIEST_ORDER_AT,
     build_cabinet_timestamps,
     build_decimals,
     build_integers,
@@ -124,11 +129,15 @@ def _column(frame: pd.DataFrame, columns: dict[str, str], field: str) -> pd.Seri
 def _order_time_reasons(raw: pd.Series) -> tuple[pd.Series, list[str | None]]:
     ordered_at, bad = build_cabinet_timestamps(raw)
     given = build_present_mask(raw)
+    early = build_early_order_mask(ordered_at)
     reasons: list[str | None] = [None] * len(raw)
-    for k in np.flatnonzero(~given | bad):
-        reasons[k] = (
-            f"«{ORDERED_AT}» '{raw.iloc[k]}' is not a date" if given[k] else f"no «{ORDERED_AT}»"
-        )
+    for k in np.flatnonzero(~given | bad | early):
+        if not given[k]:
+            reasons[k] = f"no «{ORDERED_AT}»"
+        elif bad[k]:
+            reasons[k] = f"«{ORDERED_AT}» '{raw.iloc[k]}' is not a date"
+        else:
+            reasons[k] = f"«{ORDERED_AT}» '{raw.iloc[k]}' is before {EARLIEST_ORDER_AT.date()}"
     return ordered_at, reasons
 
 

@@ -30,7 +30,13 @@ from training.ingest.events import (
     build_price_events,
     build_scan_events,
 )
-from training.ingest.jsonlines import BOM, load_json_lines_batches, paused_garbage_collector
+from training.ingest.jsonlines import (
+    BOM,
+    MAX_LINE_BYTES,
+    load_json_lines_batches,
+    overlong_line_reason,
+    paused_garbage_collector,
+)
 from training.ingest.postings import build_api_posting_batch
 from training.tables import HistoryTables
 
@@ -47,6 +53,14 @@ OPTIONAL_FILES = (PUSHES_JSONL, PRICES_CSV, TRACKING_CSV, PRODUCTS_JSONL)
 
 PRICE_REQUIRED = ("offer_id", "at", "price")
 SCAN_REQUIRED = ("posting_number", "at", "status")
+
+# A saved reply holds at most one page of postings (1,000): a few megabytes. A larger file is not
+# one reply, and is read whole (not line by line), so it is refused before it is read.
+MAX_REPLY_BYTES = 4 * MAX_LINE_BYTES
+# CSV is parsed in blocks that must each hold whole rows; rows up to MAX_LINE_BYTES fit.
+CSV_BLOCK_BYTES = 2 * MAX_LINE_BYTES
+_NEWLINE_SCAN_BYTES = 64 * 2**20
+_EMPTY_SCAN_BYTES = 2**16
 
 
 def load_posting_lines(path: Path) -> list[PostingBatch]:
@@ -80,6 +94,13 @@ def build_reply_postings(document: Any) -> tuple[list[Any], str | None] | str:
 
 def load_posting_reply(path: Path) -> PostingBatch:
     """postings*.json: one saved API reply; rejects name the posting's index in its list."""
+    size = path.stat().st_size
+    if size > MAX_REPLY_BYTES:
+        return _unreadable_reply(
+            path.name,
+            f"file is {size:,} bytes, more than the {MAX_REPLY_BYTES // 2**20} MiB "
+            "a saved reply may take: not read",
+        )
     try:
         document = orjson.loads(path.read_bytes().removeprefix(BOM))
     except orjson.JSONDecodeError as exc:
@@ -111,6 +132,58 @@ class CsvText:
     warnings: list[str]
 
 
+def is_empty_file(path: Path) -> bool:
+    """True when a file holds nothing but whitespace (and perhaps a byte-order mark).
+
+    Reads only up to the first byte that is not whitespace: the start of any real file.
+    """
+    with path.open("rb") as handle:
+        block = handle.read(_EMPTY_SCAN_BYTES).removeprefix(BOM)
+        while block:
+            if block.strip():
+                return False
+            block = handle.read(_EMPTY_SCAN_BYTES)
+    return True
+
+
+def _line_ends(raw: bytes) -> np.ndarray:
+    """Offsets of every newline in ``raw``, then ``len(raw)``; scanned in bounded slices."""
+    view = np.frombuffer(raw, dtype=np.uint8)
+    found = [
+        np.flatnonzero(view[start : start + _NEWLINE_SCAN_BYTES] == ord("\n")) + start
+        for start in range(0, len(view), _NEWLINE_SCAN_BYTES)
+    ]
+    return np.concatenate([*found, np.asarray([len(raw)], dtype=np.int64)])
+
+
+def cut_overlong_lines(raw: bytes, file: str) -> tuple[bytes, dict[int, int]]:
+    """Empty every line longer than ``MAX_LINE_BYTES``, keeping its newline.
+
+    Returns the text and, by 1-based physical line, the length of each line emptied, so the
+    reader can reject those rows with their lines while the rest of the file parses (a row
+    larger than a parsing block would otherwise stop the whole file).
+    """
+    if len(raw) <= MAX_LINE_BYTES:
+        return raw, {}
+    ends = _line_ends(raw)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    lengths = ends - starts
+    overlong = np.flatnonzero(lengths > MAX_LINE_BYTES)
+    if not len(overlong):
+        return raw, {}
+    if overlong[0] == 0:
+        raise HistoryError(
+            f"{file}: the header line is {int(lengths[0]):,} bytes long; this is not a CSV "
+            "export this tool can read"
+        )
+    pieces, kept_from = [], 0
+    for k in overlong:
+        pieces.append(raw[kept_from : starts[k]])
+        kept_from = int(ends[k])
+    pieces.append(raw[kept_from:])
+    return b"".join(pieces), {int(k) + 1: int(lengths[k]) for k in overlong}
+
+
 def load_csv_text(path: Path) -> CsvText:
     """Read a CSV for the column builders.
 
@@ -118,9 +191,10 @@ def load_csv_text(path: Path) -> CsvText:
     whichever of ``;`` ``,`` tab the header uses most; cells are trimmed; blank rows are
     dropped. A row with more or fewer fields than the header has shifted or lost values, so
     it is kept as a row marked with that problem (its builder rejects it) rather than
-    guessed at. Line numbers are physical lines, the header being line 1.
+    guessed at; so is a line longer than ``MAX_LINE_BYTES``, which is not parsed at all. Line
+    numbers are physical lines, the header being line 1.
     """
-    raw = path.read_bytes().removeprefix(BOM)
+    raw, overlong = cut_overlong_lines(path.read_bytes().removeprefix(BOM), path.name)
     warnings: list[str] = []
     try:
         raw.decode("utf-8")
@@ -142,7 +216,12 @@ def load_csv_text(path: Path) -> CsvText:
         table = pacsv.read_csv(
             io.BytesIO(raw),
             # Serial reading is what gives each broken row its physical line number.
-            read_options=pacsv.ReadOptions(use_threads=False, column_names=header, skip_rows=1),
+            read_options=pacsv.ReadOptions(
+                use_threads=False,
+                column_names=header,
+                skip_rows=1,
+                block_size=CSV_BLOCK_BYTES,
+            ),
             parse_options=pacsv.ParseOptions(
                 delimiter=separator, invalid_row_handler=keep_broken, ignore_empty_lines=False
             ),
@@ -168,6 +247,8 @@ def load_csv_text(path: Path) -> CsvText:
         frame, lines, problems = _with_broken_rows(
             frame, lines, problems, broken, separator, header
         )
+    for line, length in overlong.items():
+        problems[lines == line] = overlong_line_reason(length)
     frame.columns = [name.strip() for name in header]
     blank = (frame == "").all(axis=1).to_numpy() & pd.isna(problems)
     return CsvText(frame[~blank].reset_index(drop=True), lines[~blank], problems[~blank], warnings)
@@ -299,6 +380,9 @@ def load_optional_sources(root: Path) -> tuple[list[Parsed], list[Parsed], list[
         if not file.is_file():
             missing.append(name)
             continue
+        if is_empty_file(file):
+            warnings.append(empty_file_warning(name))
+            continue
         logger.info("reading %s", file)
         if name == PUSHES_JSONL:
             events += load_pushes(file)
@@ -312,24 +396,44 @@ def load_optional_sources(root: Path) -> tuple[list[Parsed], list[Parsed], list[
     return events, products, missing, warnings
 
 
-def load_history(path: str | Path, *, csv_cancellations_are_buyer: bool = False) -> HistoryTables:
-    """Load a history directory into the normalised tables.
+def empty_file_warning(name: str) -> str:
+    return f"{name} is empty: it holds no records"
 
-    Raises ``HistoryError`` when the directory is missing, holds no postings file, or a CSV
-    lacks a required column. Everything else that cannot be used becomes a reject or a
-    warning in the report. ``csv_cancellations_are_buyer`` declares every cancelled row of
-    orders.csv (which names no initiator) a buyer cancellation. Files not in the contract
-    (a simulator's truth.csv, notes) are ignored.
+
+def find_nonempty_posting_files(root: Path) -> tuple[list[Path], list[str]]:
+    """The posting sources to read, and a warning for each empty one.
+
+    An empty file (a failed download, a poller that created it and died) holds no records: next
+    to sources that do hold postings it is skipped with a warning. When every source is empty
+    they are read as they are: JSON files yield no postings, and an empty orders.csv, which
+    has no header, stops the load.
     """
-    root = Path(path)
-    if not root.is_dir():
-        raise HistoryError(f"history directory {root} does not exist")
     sources = find_posting_files(root)
     if not sources:
         raise HistoryError(
             f"no postings in {root}: expected {POSTINGS_JSONL}, "
             f"{POSTINGS_JSON_GLOB} or {ORDERS_CSV}"
         )
+    empty = [source for source in sources if is_empty_file(source)]
+    warnings = [empty_file_warning(source.name) for source in empty]
+    if len(empty) == len(sources):
+        return sources, warnings
+    return [source for source in sources if source not in empty], warnings
+
+
+def load_history(path: str | Path, *, csv_cancellations_are_buyer: bool = False) -> HistoryTables:
+    """Load a history directory into the normalised tables.
+
+    Raises ``HistoryError`` when the directory is missing, holds no postings file, or a CSV
+    lacks a required column (an empty CSV has none). Everything else that cannot be used becomes
+    a reject or a warning in the report. ``csv_cancellations_are_buyer`` declares every
+    cancelled row of orders.csv (which names no initiator) a buyer cancellation. Files not in
+    the contract (a simulator's truth.csv, notes) are ignored.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise HistoryError(f"history directory {root} does not exist")
+    sources, empty_warnings = find_nonempty_posting_files(root)
     with paused_garbage_collector():
         posting_batches, posting_warnings = load_posting_sources(
             sources, csv_cancellations_are_buyer=csv_cancellations_are_buyer
@@ -340,7 +444,7 @@ def load_history(path: str | Path, *, csv_cancellations_are_buyer: bool = False)
             events,
             products,
             missing_optional=missing,
-            warnings=[*posting_warnings, *side_warnings],
+            warnings=[*empty_warnings, *posting_warnings, *side_warnings],
         )
     report = tables.report
     for name in report.missing_optional:

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from itertools import pairwise
 from multiprocessing import current_process
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 import pandas as pd
@@ -34,6 +34,11 @@ CHUNK_LINES = 20_000
 PARALLEL_MIN_BYTES = 256 * 2**20
 # Byte ranges per worker: several, so a slow range does not leave the other workers idle.
 RANGES_PER_WORKER = 4
+# The longest line read: a posting, a push or a card takes kilobytes. A longer line is a broken
+# export (or hostile), and reading it whole could take gigabytes once decoded: it is skipped in
+# bounded blocks and rejected.
+MAX_LINE_BYTES = 16 * 2**20
+_SKIP_BLOCK_BYTES = 2**20
 
 BOM = b"\xef\xbb\xbf"
 
@@ -67,8 +72,8 @@ class JsonLinesChunks:
     """Decoded lines of a byte range of a file, in chunks of values, lines and rejects.
 
     Lines are numbered from 1 at ``start``. Blank lines are skipped without a trace; a line
-    that is not JSON becomes a reject. After iteration ``lines_read`` holds the number of
-    physical lines in the range, blank ones included.
+    that is not JSON, or longer than ``MAX_LINE_BYTES``, becomes a reject. After iteration
+    ``lines_read`` holds the number of physical lines in the range, blank ones included.
     """
 
     def __init__(
@@ -89,11 +94,18 @@ class JsonLinesChunks:
         at_file_start = self.start == 0
         with self.path.open("rb") as handle:
             handle.seek(self.start)
-            for line in handle:
-                if self.stop is not None and position >= self.stop:
+            while self.stop is None or position < self.stop:
+                line = handle.readline(MAX_LINE_BYTES + 1)
+                if not line:
                     break
                 position += len(line)
                 self.lines_read += 1
+                if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                    skipped, ended = skip_rest_of_line(handle)
+                    position += skipped
+                    bad_lines.append(self.lines_read)
+                    bad_reasons.append(overlong_line_reason(len(line) + skipped - ended))
+                    continue
                 if at_file_start:
                     line = line.removeprefix(BOM)
                     at_file_start = False
@@ -110,6 +122,30 @@ class JsonLinesChunks:
                     values, lines, bad_lines, bad_reasons = [], [], [], []
         if values or bad_lines:
             yield values, lines, build_rejects(self.path.name, bad_lines, bad_reasons)
+
+
+def skip_rest_of_line(handle: BinaryIO) -> tuple[int, bool]:
+    """Move past the end of the current line in bounded blocks.
+
+    Returns the bytes skipped (its newline included) and whether the line ended in a newline
+    (rather than at the end of the file).
+    """
+    skipped = 0
+    while True:
+        block = handle.readline(_SKIP_BLOCK_BYTES)
+        skipped += len(block)
+        if not block:
+            return skipped, False
+        if block.endswith(b"\n"):
+            return skipped, True
+
+
+def overlong_line_reason(length: int) -> str:
+    """Why a line of ``length`` bytes (newline not counted) was not read."""
+    return (
+        f"line is {length:,} bytes long, more than the {MAX_LINE_BYTES // 2**20} MiB "
+        "a record may take: not read"
+    )
 
 
 def with_decode_rejects(batch: Parsed, decode_rejects: pd.DataFrame) -> Parsed:
@@ -146,7 +182,7 @@ def split_at_line_starts(path: Path, parts: int) -> list[tuple[int, int]]:
     with path.open("rb") as handle:
         for k in range(1, parts):
             handle.seek(size * k // parts)
-            handle.readline()  # finish the line the seek landed in
+            skip_rest_of_line(handle)  # finish the line the seek landed in
             cut = handle.tell()
             if cuts[-1] < cut < size:
                 cuts.append(cut)

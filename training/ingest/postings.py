@@ -23,6 +23,7 @@ from training.ingest.batches import (
     empty_items,
 )
 from training.ingest.values import (
+    EARLIEST_ORDER_AT,
     as_object_series,
     build_booleans,
     build_decimals,
@@ -73,6 +74,10 @@ CANCELLATION_INITIATORS: dict[str, str] = {
     "delivery": "delivery",
 }
 
+# The most units one product line may hold. Real lines hold a few, wholesale ones thousands; a
+# larger count is a unit mix-up or garbage, and would dominate every sum and mean of the order.
+MAX_QUANTITY = 100_000
+
 _EMPTY: dict[str, Any] = {}
 
 
@@ -119,7 +124,7 @@ def build_product_checks(
 
     Returns the unit prices (float64), the quantities (Int64) and, per record, the reason for
     its first unusable product (``None`` when all are fine). A price must be a finite
-    non-negative number and a quantity a positive integer.
+    non-negative number and a quantity a positive integer of at most ``MAX_QUANTITY``.
     """
     raw_prices = as_object_series(prices)
     raw_quantities = as_object_series(quantities)
@@ -131,9 +136,11 @@ def build_product_checks(
     with np.errstate(invalid="ignore"):
         infinite = price.notna().to_numpy() & ~np.isfinite(values)
         negative = np.isfinite(values) & (values < 0)
-    not_positive = quantity.notna().to_numpy() & (quantity.fillna(1).to_numpy() <= 0)
+    counts = quantity.fillna(1).to_numpy()
+    not_positive = quantity.notna().to_numpy() & (counts <= 0)
+    too_many = counts > MAX_QUANTITY
     price_unusable = ~price_given | price_bad | infinite | negative
-    failing = price_unusable | ~quantity_given | quantity_bad | not_positive
+    failing = price_unusable | ~quantity_given | quantity_bad | not_positive | too_many
     reasons: list[str | None] = [None] * n_records
     for k in np.flatnonzero(failing):
         owner = int(owners[k])
@@ -150,6 +157,11 @@ def build_product_checks(
             reasons[owner] = f"price '{raw_prices[k]}' of product {no} is negative"
         elif not quantity_given[k]:
             reasons[owner] = f"product {no} has no quantity"
+        elif too_many[k]:
+            reasons[owner] = (
+                f"quantity '{raw_quantities[k]}' of product {no} is more than "
+                f"the {MAX_QUANTITY:,} units a product line may hold"
+            )
         else:
             reasons[owner] = (
                 f"quantity '{raw_quantities[k]}' of product {no} is not a positive integer"
@@ -295,6 +307,11 @@ class _RawPostings:
         self.financial = _columns(financial_rows, FINANCIAL_FIELDS)
 
 
+def build_early_order_mask(ordered_at: pd.Series) -> np.ndarray:
+    """Order times before ``EARLIEST_ORDER_AT``: placeholders, not when the order was placed."""
+    return (ordered_at < EARLIEST_ORDER_AT).to_numpy(dtype=bool, na_value=False)
+
+
 def _order_time_reasons(raw: RawColumns) -> tuple[pd.Series, list[str | None]]:
     """The order time (in_process_at, else FBO's created_at) and why it is unusable, if so."""
     in_process = raw["in_process_at"]
@@ -302,13 +319,16 @@ def _order_time_reasons(raw: RawColumns) -> tuple[pd.Series, list[str | None]]:
     given_raw = _first_given(in_process, raw["created_at"])
     ordered_at, bad = build_utc_timestamps(given_raw)
     given = build_present_mask(pd.Series(given_raw, dtype=object, copy=False))
+    early = build_early_order_mask(ordered_at)
     reasons: list[str | None] = [None] * len(given_raw)
-    for k in np.flatnonzero(~given | bad):
+    for k in np.flatnonzero(~given | bad | early):
+        field = "created_at" if from_created[k] else "in_process_at"
         if not given[k]:
             reasons[k] = "no in_process_at"
-        else:
-            field = "created_at" if from_created[k] else "in_process_at"
+        elif bad[k]:
             reasons[k] = f"{field} '{given_raw[k]}' is not a timestamp"
+        else:
+            reasons[k] = f"{field} '{given_raw[k]}' is before {EARLIEST_ORDER_AT.date()}"
     return ordered_at, reasons
 
 

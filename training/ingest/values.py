@@ -37,6 +37,10 @@ CABINET_DATE_FORMATS = (
     "%d.%m.%Y",
 )
 
+# No Ozon order was placed before this: an earlier order time is a placeholder or a broken clock
+# (the REST service refuses the same, serving.validation.EARLIEST_ORDER_AT).
+EARLIEST_ORDER_AT = pd.Timestamp("2000-01-01", tz="UTC")
+
 # datetime64[ns] covers 1677..2262; anything outside cannot be stored and is unusable anyway.
 _TS_MIN = pd.Timestamp("1678-01-01", tz="UTC")
 _TS_MAX = pd.Timestamp("2261-12-31", tz="UTC")
