@@ -108,6 +108,36 @@ def test_two_weeks_without_a_scan_is_the_top_reason(shop):
     assert "days without a scan" in explanation.reasons[0].facts
 
 
+def test_a_parcel_stuck_for_days_and_moving_again_is_named_by_its_silence(shop):
+    tables, model, as_of = shop
+    posting = _calm_posting(tables, model, as_of)
+    handed = as_of - 12 * DAY
+    postings = tables.postings.copy()
+    row = postings["posting_number"] == posting
+    postings.loc[row, "ordered_at"] = handed - 2 * DAY
+    postings.loc[row, "shipment_deadline_at"] = handed + DAY
+    postings.loc[row, "handed_over_at"] = handed
+    postings.loc[row, "promised_delivery_end_at"] = as_of + 6 * DAY
+    events = tables.events
+    own = events["posting_number"] == posting
+    tracking = own & events["kind"].isin(["carrier_scan", "state_change"])
+    events = events[~tracking | (events["at"] <= handed + HOUR)]
+    # Ten days without a scan after the handover, then scans again in the last day.
+    scans = [
+        {"at": as_of - k * HOUR, "kind": "carrier_scan", "posting_number": posting, "state": "x"}
+        for k in (20, 6)
+    ]
+    tables = _with_events(replace(tables, postings=postings, events=events), scans)
+    features = build_features(tables, as_of, aggregates=model.aggregates).loc[[posting]]
+    assert features["hours_since_last_activity"].iloc[0] == 6.0
+    assert features["silent_hours_since_handover"].iloc[0] > 7 * 24
+    explanation, _ = _top_reason(tables, model, as_of, posting)
+    quiet = [reason for reason in explanation.reasons if reason.code == "tracking_quiet"]
+    assert quiet, explanation.reasons
+    assert "without tracking updates since the handover" in quiet[0].facts
+    assert quiet[0].values["silent_days"] > 7
+
+
 def test_a_card_edit_after_purchase_is_the_top_reason(shop):
     tables, model, as_of = shop
     posting = _calm_posting(tables, model, as_of)

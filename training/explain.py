@@ -196,14 +196,19 @@ def _late_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
 
 
 def _quiet_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
-    return _gt(m["is_handed_over"], 0.5) & _gt(m["hours_since_last_activity"], 48.0)
+    # Quiet now, or stuck for a while since the handover (the parcel barely moved meanwhile).
+    quiet = _gt(m["hours_since_last_activity"], 48.0) | _gt(m["silent_hours_since_handover"], 0)
+    return _gt(m["is_handed_over"], 0.5) & quiet
 
 
 def _quiet_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+    # Tracking that kept moving: a recent update and no silence since the handover.
     m["hours_since_last_activity"] = np.fmin(m["hours_since_last_activity"], 12.0)
     m["hours_since_last_scan"] = np.where(
         np.isnan(m["hours_since_last_scan"]), np.nan, np.fmin(m["hours_since_last_scan"], 12.0)
     )
+    silent = m["silent_hours_since_handover"]
+    m["silent_hours_since_handover"] = np.where(np.isnan(silent), np.nan, 0.0)
 
 
 def _not_shipped_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
@@ -401,7 +406,7 @@ def _shift_log_odds(calibrated: np.ndarray, raw: np.ndarray, raw_fixed: np.ndarr
 FACTS: dict[str, tuple[str, ...]] = {
     "price_drop": ("cheaper",),
     "late_delivery": ("late", "due", "moved"),
-    "tracking_quiet": ("quiet",),
+    "tracking_quiet": ("quiet", "stalled"),
     "not_shipped": ("waiting",),
     "listing_changed": ("edited",),
     "buyer_profile": ("payment", "earlier_cancels", "first_time", "region"),
@@ -417,6 +422,7 @@ FACT_NUMBER_COLUMNS = (
     "hours_to_promised_delivery_end",
     "delivery_date_changes",
     "hours_since_last_activity",
+    "silent_hours_since_handover",
     "hours_since_order",
     "card_edits_since_purchase",
     "buyer_earlier_buyer_cancels",
@@ -446,6 +452,7 @@ def fact_values(
         "days_to_promise": to_promise / 24.0,
         "date_changes": numbers["delivery_date_changes"],
         "quiet_days": numbers["hours_since_last_activity"] / 24.0,
+        "silent_days": numbers["silent_hours_since_handover"] / 24.0,
         "days_since_order": hours_since_order / 24.0,
         "hours_since_order": hours_since_order,
         "edits": numbers["card_edits_since_purchase"],
@@ -483,6 +490,9 @@ def _quoted_numbers(values: Mapping[str, float | str]) -> dict[str, float]:
 def _facts_that_hold(
     cause: str, values: Mapping[str, float | str], reference: Mapping[str, str]
 ) -> list[str]:
+    if cause == "tracking_quiet":
+        # Quiet now says it all; moving again after a silence, the silence is the fact.
+        return ["quiet" if values["quiet_days"] > 2.0 else "stalled"]
     if cause == "late_delivery":
         held = ["late" if values["days_late"] > 0 else "due"]
         return held + (["moved"] if values["date_changes"] > 0 else [])
