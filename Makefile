@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := data/demo
 CLI := $(BIN)/cancel-risk
+RELIABILITY_DIR := reports/reliability
 
-.PHONY: demo test lint format venv browser clean
+.PHONY: demo test lint format venv browser clean reliability audit
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -51,9 +52,26 @@ browser:
 test: lint browser
 	$(BIN)/python -m pytest
 
+# The long runs behind the README's Reliability section (about ten minutes): at least 1,000
+# requests generated from the OpenAPI document, a five-minute soak at concurrency 32 (each
+# against its own `cancel-risk serve` on 127.0.0.1 with a freshly trained model), and the
+# dependency audit. Results: $(RELIABILITY_DIR)/*.json and *.md. `make test` runs short versions.
+reliability: $(STAMP)
+	mkdir -p $(RELIABILITY_DIR)
+	$(BIN)/python -m serving.fuzz --min-requests 1000 \
+	  --out-json $(RELIABILITY_DIR)/fuzz.json --out-markdown $(RELIABILITY_DIR)/fuzz.md
+	$(BIN)/python -m serving.soak --duration 300 --concurrency 32 \
+	  --out-json $(RELIABILITY_DIR)/soak.json --out-markdown $(RELIABILITY_DIR)/soak.md
+	$(BIN)/python -m serving.dependency_audit --out-json $(RELIABILITY_DIR)/pip-audit.json
+
+# pip-audit of the installed packages (needs PyPI); fails only on a known vulnerability.
+audit: $(STAMP)
+	mkdir -p $(RELIABILITY_DIR)
+	$(BIN)/python -m serving.dependency_audit --out-json $(RELIABILITY_DIR)/pip-audit.json
+
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) mlruns mlflow.db .pytest_cache
+	rm -rf $(VENV) $(DEMO_DIR) mlruns mlflow.db .pytest_cache reports

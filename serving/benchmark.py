@@ -190,13 +190,13 @@ async def _batch_calls(target: Target, body: bytes, calls: int) -> tuple[list[fl
 # --- processes ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
 
-def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
+def wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -213,7 +213,7 @@ def _wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
     raise RuntimeError(f"{url} not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
 
 
-def _stop(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -223,7 +223,7 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait(timeout=20)
 
 
-def _process_tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     pids, todo = [], [pid]
     while todo:
         current = todo.pop()
@@ -237,7 +237,7 @@ def _process_tree(pid: int) -> list[int]:
 def _peak_rss_mb(pid: int) -> tuple[float, float]:
     """(largest process, whole tree) peak resident set in MB, from /proc/<pid>/status VmHWM."""
     peaks = []
-    for member in _process_tree(pid):
+    for member in process_tree(pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{member}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -245,7 +245,13 @@ def _peak_rss_mb(pid: int) -> tuple[float, float]:
     return (max(peaks, default=0.0), sum(peaks))
 
 
-def _spawn(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+def error_log_lines(log: Path) -> list[str]:
+    """Lines of a service's log that report an error (uvicorn's and the service's own)."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return [line for line in lines if "ERROR" in line or "Traceback" in line]
+
+
+def spawn(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     with log.open("wb") as output:
         return subprocess.Popen(  # noqa: S603 (our own commands, no shell)
             command,
@@ -270,7 +276,7 @@ class Workload:
     trees: int
 
 
-def _train_model(work: Path, args: argparse.Namespace, env: dict[str, str]) -> Path:
+def train_model(work: Path, args: argparse.Namespace, env: dict[str, str]) -> Path:
     """Simulate a shop and train a model with the project's own commands; save it as files.
 
     Training runs through ``cancel-risk simulate`` and ``cancel-risk train`` (a temporary
@@ -313,32 +319,90 @@ def _train_model(work: Path, args: argparse.Namespace, env: dict[str, str]) -> P
     return model.save(work / "model")
 
 
-def prepare(args: argparse.Namespace, work: Path, env: dict[str, str]) -> Workload:
-    import mlflow.lightgbm
-
-    from serving.examples import latest_moment, load_history_records, open_score_requests
-    from serving.fast_path import build_feature_frame
-    from serving.scoring import ModelScorer, ScoreJob
-    from training.model import RiskModel
-
+def model_and_history(
+    args: argparse.Namespace, work: Path, env: dict[str, str]
+) -> tuple[Path, Path]:
+    """The model directory and the history the requests come from: given, or simulated here."""
     if args.model is not None:
         if args.history is None:
             raise SystemExit("--model needs --history (the requests come from a history)")
-        model_dir, history = args.model, args.history
-    else:
-        model_dir = _train_model(work, args, env)
-        history = args.history or work / "history"
-    model = RiskModel.load(model_dir)
+        return Path(args.model), Path(args.history)
+    return train_model(work, args, env), Path(args.history or work / "history")
+
+
+def build_service_requests(history: Path, count: int, events_per_kind: int) -> list[dict[str, Any]]:
+    """About ``count`` score requests: postings open at ten moments of the last 30 days.
+
+    Each is what the seller would send: the posting and the latest ``events_per_kind`` of its
+    pushes, prices and scans known at that moment.
+    """
+    from serving.examples import latest_moment, load_history_records, open_score_requests
+
     records = load_history_records(history)
     latest = latest_moment(records)
     requests: list[dict[str, Any]] = []
     for days_back in range(0, 30, 3):
         moment = latest - days_back * 86_400_000_000_000
         requests += open_score_requests(
-            records, moment, limit=args.requests // 10, latest_per_kind=args.events_per_kind
+            records, moment, limit=max(1, count // 10), latest_per_kind=events_per_kind
         )
     if len(requests) < 10:
         raise SystemExit(f"only {len(requests)} open postings found in {history}")
+    return requests
+
+
+def start_service(
+    model_dir: Path,
+    work: Path,
+    env: dict[str, str],
+    *,
+    api_key: str = API_KEY,
+    extra_env: dict[str, str] | None = None,
+    log_name: str = "service.log",
+) -> tuple[subprocess.Popen, int, Path]:
+    """``cancel-risk serve --model DIR`` on a free loopback port, in its own session.
+
+    Returns the process, its port and its log; the caller waits for ``/readyz`` and stops it.
+    """
+    port = free_port()
+    service_env = {
+        **env,
+        "CANCEL_RISK_API_KEYS": api_key,
+        "CANCEL_RISK_MODEL_CACHE_DIR": str(work / "cache"),
+        "CANCEL_RISK_MAX_BODY_BYTES": str(256 * 1024 * 1024),
+        **(extra_env or {}),
+    }
+    command = [
+        str(Path(sys.executable).with_name("cancel-risk")),
+        "serve",
+        *("--model", str(model_dir), "--port", str(port)),
+    ]
+    log = work / log_name
+    return spawn(command, log, service_env), port, log
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that choose (or simulate and train) the model and the requests' history."""
+    parser.add_argument("--model", type=Path, help="A saved RiskModel directory (else trained).")
+    parser.add_argument("--history", type=Path, help="History the requests come from.")
+    parser.add_argument("--days", type=int, default=60)
+    parser.add_argument("--orders-per-day", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--trees", type=int, default=300)
+    parser.add_argument("--requests", type=int, default=300, help="Distinct requests to cycle.")
+    parser.add_argument("--events-per-kind", type=int, default=10)
+
+
+def prepare(args: argparse.Namespace, work: Path, env: dict[str, str]) -> Workload:
+    import mlflow.lightgbm
+
+    from serving.fast_path import build_feature_frame
+    from serving.scoring import ModelScorer, ScoreJob
+    from training.model import RiskModel
+
+    model_dir, history = model_and_history(args, work, env)
+    model = RiskModel.load(model_dir)
+    requests = build_service_requests(history, args.requests, args.events_per_kind)
     scorer = ModelScorer(model)
     rows = []
     for request in requests:
@@ -416,7 +480,8 @@ def _summarise(name: str, repeats: list[dict[str, Any]], pid: int) -> ServerFigu
     )
 
 
-def _environment(args: argparse.Namespace) -> dict[str, str]:
+def tool_environment() -> dict[str, str]:
+    """This environment with its interpreter's directory first on PATH (its own commands)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
@@ -427,20 +492,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="cancel-risk-bench-") as tmp:
         work = Path(tmp)
-        env = _environment(args)
+        env = tool_environment()
         workload = prepare(args, work, env)
-        service_port, mlflow_port = _free_port(), _free_port()
-        service_env = {
-            **env,
-            "CANCEL_RISK_API_KEYS": API_KEY,
-            "CANCEL_RISK_MODEL_CACHE_DIR": str(work / "cache"),
-            "CANCEL_RISK_MAX_BODY_BYTES": str(256 * 1024 * 1024),
-        }
-        service_command = [
-            str(Path(sys.executable).with_name("cancel-risk")),
-            "serve",
-            *("--model", str(workload.model_dir), "--port", str(service_port)),
-        ]
+        mlflow_port = free_port()
         mlflow_command = [
             sys.executable,
             *("-m", "mlflow", "models", "serve", "-m", str(workload.booster_dir)),
@@ -453,11 +507,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ).encode()
             for row in workload.feature_rows
         ]
-        service = _spawn(service_command, work / "service.log", service_env)
-        server = _spawn(mlflow_command, work / "mlflow.log", env)
+        service, service_port, _ = start_service(workload.model_dir, work, env)
+        server = spawn(mlflow_command, work / "mlflow.log", env)
         try:
-            _wait_ready(f"http://127.0.0.1:{service_port}/readyz", service, work / "service.log")
-            _wait_ready(f"http://127.0.0.1:{mlflow_port}/ping", server, work / "mlflow.log")
+            wait_ready(f"http://127.0.0.1:{service_port}/readyz", service, work / "service.log")
+            wait_ready(f"http://127.0.0.1:{mlflow_port}/ping", server, work / "mlflow.log")
             targets = {
                 "service": Target(
                     "cancel-risk serve",
@@ -495,8 +549,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "mlflow": _summarise("mlflow models serve", repeats["mlflow"], server.pid),
             }
         finally:
-            _stop(service)
-            _stop(server)
+            stop_process(service)
+            stop_process(server)
     service_figures, mlflow_figures = results["service"], results["mlflow"]
     return {
         "started": started,
@@ -565,14 +619,7 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="A saved RiskModel directory (else trained).")
-    parser.add_argument("--history", type=Path, help="History the requests come from.")
-    parser.add_argument("--days", type=int, default=60)
-    parser.add_argument("--orders-per-day", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=11)
-    parser.add_argument("--trees", type=int, default=300)
-    parser.add_argument("--requests", type=int, default=300, help="Distinct requests to cycle.")
-    parser.add_argument("--events-per-kind", type=int, default=10)
+    add_model_arguments(parser)
     parser.add_argument("--sequential", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=3)

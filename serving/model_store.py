@@ -10,15 +10,21 @@
   build, or cannot score the probe requests is refused and the old model keeps serving.
 - Every model loaded from the registry is written to the cache directory (plain files, no
   pickle: ``RiskModel.save``), atomically, replacing the previous one.
+- LightGBM's model reader brings the whole process down on some malformed files (a booster file
+  cut short crashes its parallel tree parser instead of raising), so every booster file is first
+  read by LightGBM's library in a throwaway process (:func:`check_booster_files`); a file that
+  crashes or fails it there is refused and never reaches the serving process.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -34,7 +40,7 @@ from serving.probes import build_probe_jobs
 from serving.scoring import ModelScorer
 from serving.settings import ServiceSettings
 from training.features import FEATURE_VERSION
-from training.model import IncompatibleModelError, RiskModel
+from training.model import BOOSTER_FILE, IncompatibleModelError, RiskModel
 
 logger = logging.getLogger(__name__)
 
@@ -178,18 +184,90 @@ def _short(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+# Reads one booster file with LightGBM's C library and nothing else (no numpy, no pandas), so the
+# check costs a few milliseconds; without the library's path it falls back to the Python package.
+_BOOSTER_CHECK = """
+import sys
+library, booster = sys.argv[1], sys.argv[2]
+if library:
+    import ctypes
+    lib = ctypes.cdll.LoadLibrary(library)
+    lib.LGBM_GetLastError.restype = ctypes.c_char_p
+    handle, iterations = ctypes.c_void_p(), ctypes.c_int()
+    if lib.LGBM_BoosterCreateFromModelfile(
+        booster.encode(), ctypes.byref(iterations), ctypes.byref(handle)
+    ):
+        sys.stderr.write(lib.LGBM_GetLastError().decode("utf-8", "replace") + "\\n")
+        sys.exit(3)
+    lib.LGBM_BoosterFree(handle)
+else:
+    import lightgbm
+    lightgbm.Booster(model_file=booster)
+"""
+BOOSTER_CHECK_TIMEOUT_S = 300.0
+
+
+def _lightgbm_library() -> str:
+    """The path of LightGBM's shared library, where its package keeps it ("" if not found)."""
+    spec = importlib.util.find_spec("lightgbm")
+    if spec is None or not spec.submodule_search_locations:
+        return ""
+    package = Path(next(iter(spec.submodule_search_locations)))
+    for directory in (package / "lib", package / "bin", package.parent):
+        for library in sorted(directory.glob("lib_lightgbm.*")):
+            if library.suffix in (".so", ".dylib", ".dll"):
+                return str(library)
+    return ""
+
+
+def check_booster_files(directory: str | Path, timeout_s: float = BOOSTER_CHECK_TIMEOUT_S) -> None:
+    """Read every booster file under ``directory`` with LightGBM in a child process first.
+
+    Raises :class:`ModelLoadError` (refused) naming the file when LightGBM crashes on it,
+    refuses it, or takes longer than ``timeout_s``; the serving process is never at risk.
+    """
+    library = _lightgbm_library()
+    for booster in sorted(Path(directory).rglob(BOOSTER_FILE)):
+        command = [sys.executable, "-I", "-S", "-c", _BOOSTER_CHECK, library, str(booster)]
+        if not library:
+            command.remove("-S")  # the fallback imports the lightgbm package
+        try:
+            result = subprocess.run(  # noqa: S603 (this interpreter, a fixed script, no shell)
+                command, capture_output=True, timeout=timeout_s, check=False
+            )
+        except subprocess.TimeoutExpired:
+            raise ModelLoadError(
+                "refused", f"LightGBM did not read {booster.name} within {timeout_s:.0f} s"
+            ) from None
+        if result.returncode != 0:
+            output = (result.stderr + result.stdout).decode("utf-8", "replace").splitlines()
+            fatal = [line for line in output if "[Fatal]" in line or "Error" in line]
+            reason = (fatal or output or [""])[-1].strip()
+            how = (
+                f"crashed LightGBM's reader (signal {-result.returncode})"
+                if result.returncode < 0
+                else "was refused by LightGBM"
+            )
+            message = f"the model's {booster.name} is broken: it {how}"
+            raise ModelLoadError("refused", (f"{message}: {reason}" if reason else message)[:500])
+
+
 def load_risk_model_from_mlflow(uri: str) -> RiskModel:
     """The :class:`RiskModel` inside the cancel-risk pyfunc at ``uri`` (``models:/name/3``).
 
-    MLflow puts a logged model's code directory in front of ``sys.path`` when it loads it; the
-    path is restored so later imports keep coming from the installed package.
+    The model's files are downloaded and their boosters checked (:func:`check_booster_files`)
+    before MLflow loads it. MLflow puts a logged model's code directory in front of
+    ``sys.path`` when it loads it; the path is restored so later imports keep coming from the
+    installed package.
     """
     import mlflow
 
     saved_path = list(sys.path)
     try:
         with tempfile.TemporaryDirectory(prefix="cancel-risk-model-") as tmp:
-            loaded = mlflow.pyfunc.load_model(uri, dst_path=tmp)
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+            check_booster_files(local)
+            loaded = mlflow.pyfunc.load_model(local)
             python_model = loaded.unwrap_python_model()
     finally:
         sys.path[:] = saved_path
@@ -335,6 +413,7 @@ class ModelStore:
         spec = self.spec
         assert spec is not None
         if spec.path is not None:
+            check_booster_files(spec.path)
             model = RiskModel.load(spec.path)
             source: ModelSource = "local_path"
         else:
@@ -429,7 +508,9 @@ class ModelStore:
             return None
         try:
             pointer: dict[str, Any] = json.loads((root / _POINTER).read_text(encoding="utf-8"))
-            model = RiskModel.load(root / str(pointer["directory"]) / "model")
+            cached = root / str(pointer["directory"]) / "model"
+            check_booster_files(cached)
+            model = RiskModel.load(cached)
             loaded = self._checked(
                 model,
                 spec,

@@ -137,7 +137,12 @@ class ScoreRequest(_Strict):
     def _plausible_moment(cls, value: datetime | None) -> datetime | None:
         if value is None:
             return None
-        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        try:
+            value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00+01:00 or 9999-12-31T23:59-01:00 in UTC
+            raise ValueError(
+                f"as_of must lie between {_EARLIEST_YEAR} and {_LATEST_YEAR}"
+            ) from None
         if not _EARLIEST_YEAR <= value.year <= _LATEST_YEAR:
             raise ValueError(f"as_of must lie between {_EARLIEST_YEAR} and {_LATEST_YEAR}")
         return value

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -368,6 +369,72 @@ def test_a_full_disk_is_a_clear_error_and_leaves_no_file(
     assert "No space left on device" in result.stderr
     assert "Traceback" not in result.output
     assert _files(out.parent) == []
+
+
+PAGE = 4096
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Callable[[int], Path]]:
+    """Mounts small tmpfs file systems (a real full disk: ENOSPC from the kernel); needs root."""
+    mounted: list[Path] = []
+
+    def mount(size_bytes: int) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        size = max(PAGE, size_bytes // PAGE * PAGE)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(point)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (root needed): {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "--lazy", str(point)], check=False)
+
+
+def _pages(path: Path) -> int:
+    return -(-path.stat().st_size // PAGE)
+
+
+def test_a_really_full_disk_is_a_clear_error_and_leaves_no_file(
+    history: Path, model, scored: Path, tiny_disk
+) -> None:
+    earlier = build_output_paths(scored)
+    # Room for the rejects, the summary and half of the scores: the scores run out of space.
+    pages = _pages(earlier.rejects) + _pages(earlier.summary) + _pages(earlier.scores) // 2
+    disk = tiny_disk(pages * PAGE)
+    out = disk / "scores.parquet"
+    args = ["--history", str(history), "--out", str(out), "--model", model.uri]
+    result = runner.invoke(app, ["score", *args, "--chunk-rows", "50"])
+    assert result.exit_code == 2, result.output
+    assert "No space left on device" in result.stderr
+    assert "Traceback" not in result.output
+    assert _files(disk) == []
+
+
+def test_a_really_full_disk_keeps_the_earlier_output_whole(
+    history: Path, model, scored: Path, tiny_disk
+) -> None:
+    earlier = build_output_paths(scored)
+    # Room for one complete output, not for a second one beside it.
+    pages = sum(_pages(p) for p in (earlier.scores, earlier.rejects, earlier.summary))
+    disk = tiny_disk((pages + pages // 2) * PAGE)
+    out = disk / "scores.parquet"
+    args = ["--history", str(history), "--out", str(out), "--model", model.uri]
+    assert runner.invoke(app, ["score", *args]).exit_code == 0
+    before = {name: (disk / name).read_bytes() for name in _files(disk)}
+    assert len(before) == 3
+
+    result = runner.invoke(app, ["score", *args, "--lang", "ru"])
+    assert result.exit_code == 2, result.output
+    assert "No space left on device" in result.stderr
+    assert {name: (disk / name).read_bytes() for name in _files(disk)} == before
 
 
 KILLED_RUN = textwrap.dedent(

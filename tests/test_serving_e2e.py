@@ -1,6 +1,7 @@
 """End to end: train on a simulated history, register in a real ``mlflow server``, serve the
 champion with ``cancel-risk serve`` (real uvicorn) and score over HTTP on loopback; then stop the
-tracking server and start the service again, which serves its cached model.
+tracking server: a reload asked then is refused (503) and the loaded model keeps scoring; and the
+service started again serves its cached model.
 
 Every process is started in its own session and stopped in teardown; all files live under
 ``tmp_path``.
@@ -27,6 +28,7 @@ from serving.examples import latest_moment, load_history_records, open_score_req
 from training.ingest import tables_from_objects
 
 KEY = "e2e-scoring-key"
+ADMIN = "e2e-admin-key"
 START_TIMEOUT_S = 120
 
 
@@ -105,6 +107,7 @@ def _serve(tmp_path: Path, tracking_url: str, name: str) -> tuple[str, subproces
         **os.environ,
         "MLFLOW_TRACKING_URI": tracking_url,
         "CANCEL_RISK_API_KEYS": KEY,
+        "CANCEL_RISK_ADMIN_KEY": ADMIN,
         "CANCEL_RISK_MODEL_CACHE_DIR": str(tmp_path / "model-cache"),
         "CANCEL_RISK_REGISTRY_TIMEOUT_SECONDS": "3",
         "CANCEL_RISK_REGISTRY_MAX_RETRIES": "0",
@@ -172,13 +175,26 @@ def test_train_register_serve_and_score_over_http(
         assert batch.status_code == 200 and batch.json()["scored"] == len(requests)
         assert httpx.post(f"{url}/v1/score", json=requests[0]).status_code == 401
         assert "cancel_risk_scores_total" in httpx.get(f"{url}/metrics").text
+
+        # The tracking server goes down; a reload asked now is refused, the model keeps scoring.
+        _stop(tracking_process)
+        reload = httpx.post(f"{url}/v1/model/reload", headers={"X-API-Key": ADMIN}, timeout=60)
+        assert reload.status_code == 503
+        outcome = reload.json()
+        assert outcome["status"] == "unreachable"
+        assert "the tracking server is unreachable" in outcome["message"]
+        assert outcome["message"].endswith(f"still serving version {trained.model_version}")
+        info = httpx.get(f"{url}/v1/model", headers=headers).json()
+        assert (info["source"], info["version"]) == ("registry", trained.model_version)
+        response = httpx.post(f"{url}/v1/score", json=requests[0], headers=headers, timeout=30)
+        assert response.status_code == 200
+        assert response.json()["model"]["version"] == trained.model_version
     finally:
         _stop(service)
     # uvicorn shuts down gracefully on SIGTERM, then exits by that signal.
     assert "Application shutdown complete" in log.read_text()
 
-    # The tracking server goes down; the service starts from the model it cached.
-    _stop(tracking_process)
+    # Still down: the service starts from the model it cached.
     url, service, log = _serve(tmp_path, tracking_url, "service-after-outage")
     try:
         _wait_for(f"{url}/readyz", service, log)
@@ -189,5 +205,5 @@ def test_train_register_serve_and_score_over_http(
         assert response.status_code == 200
     finally:
         _stop(service)
-    for secret in (KEY,):
+    for secret in (KEY, ADMIN):
         assert secret not in log.read_text()

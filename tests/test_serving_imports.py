@@ -68,7 +68,8 @@ def test_importing_the_service_does_no_work(tmp_path: Path) -> None:
     env.update(HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "cache"))
     env["PYTHONPATH"] = str(ROOT)
     code = (
-        "import serving.app, serving.benchmark, serving.examples, serving.model_store;"
+        "import serving.app, serving.benchmark, serving.examples, serving.model_store,"
+        " serving.soak, serving.fuzz, serving.dependency_audit;"
         "import os; print(os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT'))"
     )
     result = subprocess.run(

@@ -1,10 +1,11 @@
 """Model lifecycle against a real MLflow registry: load by alias, reload, refuse, cache, poll.
 
-Three versions are registered once: v1 and v3 are good, v2 has a feature version this code does
-not build. The tests move the ``champion`` alias and check that the service serves the champion,
-keeps serving the old model while a reload runs and after a reload is refused, picks up a good
-new champion by reload or by polling, and starts from its local cache when the tracking server
-is unreachable or the champion is refused.
+Five versions are registered once: v1 and v3 are good, v2 has a feature version this code does
+not build, v4 is broken (its booster file was cut short in the artifact store), and v5 is a
+pyfunc model that is not a cancel-risk model. The tests move the ``champion`` alias and check
+that the service serves the champion, keeps serving the old model while a reload runs and after
+a reload is refused, picks up a good new champion by reload or by polling, and starts from its
+local cache when the tracking server is unreachable or the champion is refused.
 """
 
 from __future__ import annotations
@@ -43,6 +44,29 @@ class Registry:
         self.client.set_registered_model_alias(NAME, "champion", version)
 
 
+# A pyfunc model that loads and predicts, but is not a cancel-risk model.
+FOREIGN_MODEL_CODE = """
+import mlflow.pyfunc
+from mlflow.models import set_model
+
+
+class EchoModel(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input: list[str]) -> list[str]:
+        return model_input
+
+
+set_model(EchoModel())
+"""
+
+
+def _cut_short(artifacts: Path) -> None:
+    """Break a logged model the way an interrupted upload would: its booster file is cut."""
+    boosters = list(artifacts.rglob("booster.txt"))
+    assert len(boosters) == 1, boosters
+    text = boosters[0].read_bytes()
+    boosters[0].write_bytes(text[: len(text) // 3])
+
+
 @pytest.fixture(scope="module")
 def registry(
     trained_shop, empty_tracking_db: Path, tmp_path_factory: pytest.TempPathFactory
@@ -51,13 +75,21 @@ def registry(
     shutil.copyfile(empty_tracking_db, directory / "mlflow.db")
     uri = f"sqlite:///{directory / 'mlflow.db'}"
     incompatible = dataclasses.replace(trained_shop.model, feature_version="999")
+    foreign_code = directory / "foreign_model.py"
+    foreign_code.write_text(FOREIGN_MODEL_CODE, encoding="utf-8")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(directory)  # a SQLite store keeps artifacts under ./mlruns
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
-        for model in (trained_shop.model, incompatible, trained_shop.model):
+        logged = []
+        for model in (trained_shop.model, incompatible, trained_shop.model, trained_shop.model):
             with mlflow.start_run():
-                log_risk_model(model, input_example=None, registered_model_name=NAME)
+                logged.append(log_risk_model(model, input_example=None, registered_model_name=NAME))
+        _cut_short(Path(logged[3].artifact_path.removeprefix("file://")))
+        with mlflow.start_run():
+            mlflow.pyfunc.log_model(
+                name="model", python_model=str(foreign_code), registered_model_name=NAME
+            )
         yield Registry(uri, MlflowClient(uri))
         mlflow.set_tracking_uri(None)
 
@@ -204,17 +236,59 @@ def test_an_unreachable_tracking_server_at_startup_serves_the_cache(
         assert _served_version(client, request_body) == "1"
 
 
+REFUSED_CHAMPIONS = [
+    ("2", "incompatible model: model at"),
+    ("4", "booster.txt is broken: it crashed LightGBM's reader"),
+    ("5", "is not a cancel-risk model"),
+]
+
+
+@pytest.mark.parametrize(("version", "message"), REFUSED_CHAMPIONS)
+def test_a_broken_or_incompatible_champion_is_refused_on_reload_and_scoring_continues(
+    tracking: Registry, tmp_path: Path, request_body: dict[str, Any], version: str, message: str
+) -> None:
+    with TestClient(create_app(_settings(tmp_path)), headers={"X-API-Key": KEY}) as client:
+        assert _served_version(client, request_body) == "1"
+        tracking.point_champion_at(version)
+        refused = _reload(client)
+        assert refused.status_code == 409
+        outcome = refused.json()
+        assert outcome["status"] == "refused"
+        assert message in outcome["message"]
+        assert outcome["message"].endswith("; still serving version 1")
+        assert (outcome["previous_version"], outcome["model"]["version"]) == ("1", "1")
+        assert client.get("/readyz").status_code == 200
+        assert _served_version(client, request_body) == "1"
+        info = client.get("/v1/model").json()
+        assert (info["version"], info["source"]) == ("1", "registry")
+
+
+@pytest.mark.parametrize(("version", "message"), REFUSED_CHAMPIONS)
 def test_a_refused_champion_at_startup_serves_the_cache(
-    tracking: Registry, tmp_path: Path, request_body: dict[str, Any]
+    tracking: Registry, tmp_path: Path, request_body: dict[str, Any], version: str, message: str
 ) -> None:
     with TestClient(create_app(_settings(tmp_path))):
         pass  # caches version 1
-    tracking.point_champion_at("2")
+    tracking.point_champion_at(version)
     with TestClient(create_app(_settings(tmp_path)), headers={"X-API-Key": KEY}) as client:
         info = client.get("/v1/model").json()
         assert (info["source"], info["version"]) == ("local_cache", "1")
-        assert "incompatible" in info["registry_error"]
+        assert message in info["registry_error"]
         assert _served_version(client, request_body) == "1"
+
+
+def test_a_saved_model_with_a_broken_booster_is_refused_and_the_service_stays_up(
+    trained_model_dir: Path, tmp_path: Path
+) -> None:
+    """LightGBM crashes the process that parses a booster file cut short: it is parsed aside."""
+    broken = Path(shutil.copytree(trained_model_dir, tmp_path / "broken"))
+    _cut_short(broken)
+    settings = _settings(tmp_path / "cache", model_uri=str(broken))
+    with TestClient(create_app(settings), headers={"X-API-Key": KEY}) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        detail = client.get("/v1/model").json()["detail"]
+        assert "booster.txt is broken: it crashed LightGBM's reader" in detail
 
 
 def test_no_registry_and_no_cache_means_no_model(tmp_path: Path, monkeypatch) -> None:

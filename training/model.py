@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 MODEL_FORMAT_VERSION = 1
 RISK_LEVELS = ("low", "medium", "high")
 
-_BOOSTER_FILE = "booster.txt"
+BOOSTER_FILE = "booster.txt"  # LightGBM's text model, inside a saved model directory
 _CALIBRATOR_FILE = "calibrator.json"
 _METADATA_FILE = "model.json"
 _AGGREGATES_DIR = "aggregates"
@@ -189,7 +189,7 @@ class RiskModel:
         path.mkdir(parents=True, exist_ok=True)
         if any(path.iterdir()):
             raise FileExistsError(f"{path} is not empty")
-        (path / _BOOSTER_FILE).write_text(self.booster.model_to_string(), encoding="utf-8")
+        (path / BOOSTER_FILE).write_text(self.booster.model_to_string(), encoding="utf-8")
         _write_json(path / _CALIBRATOR_FILE, self.calibrator.to_dict())
         _write_json(
             path / _METADATA_FILE,
@@ -240,7 +240,7 @@ class RiskModel:
             }
             aggregates = HistoryAggregates.from_frames(frames)
         return cls(
-            booster=lgb.Booster(model_file=str(path / _BOOSTER_FILE)),
+            booster=lgb.Booster(model_file=str(path / BOOSTER_FILE)),
             calibrator=calibrator_from_dict(_read_json(path / _CALIBRATOR_FILE)),
             thresholds=RiskThresholds(**meta["thresholds"]),
             feature_version=meta["feature_version"],
