@@ -625,20 +625,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--batch-calls", type=int, default=5)
-    parser.add_argument("--out-json", type=Path)
-    parser.add_argument("--out-markdown", type=Path)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    configure_logging(args)
+    report = run(args)
+    write_outputs(args, report, format_markdown(report))
+
+
+# --- what the benchmark, the soak and the fuzz share on their command lines --------------------
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out-json", type=Path, help="Also write the figures to this file.")
+    parser.add_argument("--out-markdown", type=Path, help="Also write the table to this file.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
+def configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    report = run(args)
-    markdown = format_markdown(report)
-    if args.out_json is not None:
-        args.out_json.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    if args.out_markdown is not None:
-        args.out_markdown.write_text(markdown + "\n", encoding="utf-8")
+
+
+def write_outputs(args: argparse.Namespace, report: dict[str, Any], markdown: str) -> None:
+    """The report as JSON and Markdown where asked, and the Markdown on stdout."""
+    for path, text in (
+        (args.out_json, json.dumps(report, indent=2)),
+        (args.out_markdown, markdown),
+    ):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text + "\n", encoding="utf-8")
     sys.stdout.write(markdown + "\n")
 
 

@@ -45,13 +45,16 @@ from typing import Any
 from serving.benchmark import (
     API_KEY,
     add_model_arguments,
+    add_output_arguments,
     build_service_requests,
+    configure_logging,
     error_log_lines,
     model_and_history,
     start_service,
     stop_process,
     tool_environment,
     wait_ready,
+    write_outputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -459,24 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--examples", type=int, default=60, help="Examples per operation and mode in a round."
     )
-    parser.add_argument("--out-json", type=Path)
-    parser.add_argument("--out-markdown", type=Path)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args)
     report = run(args)
-    markdown = format_markdown(report)
-    for path, text in (
-        (args.out_json, json.dumps(report, indent=2)),
-        (args.out_markdown, markdown),
-    ):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n", encoding="utf-8")
-    sys.stdout.write(markdown + "\n")
+    write_outputs(args, report, format_markdown(report))
     return 0 if report["passed"] else 1
 
 

@@ -50,7 +50,9 @@ from serving.benchmark import (
     Connection,
     Target,
     add_model_arguments,
+    add_output_arguments,
     build_service_requests,
+    configure_logging,
     error_log_lines,
     model_and_history,
     process_tree,
@@ -58,6 +60,7 @@ from serving.benchmark import (
     stop_process,
     tool_environment,
     wait_ready,
+    write_outputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -387,23 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-p99-ratio", type=float, default=1.5)
     parser.add_argument("--max-rss-growth", type=float, default=0.10)
-    parser.add_argument("--out-json", type=Path)
-    parser.add_argument("--out-markdown", type=Path)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args)
     report = run(args)
-    markdown = format_markdown(report)
-    if args.out_json is not None:
-        args.out_json.parent.mkdir(parents=True, exist_ok=True)
-        args.out_json.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    if args.out_markdown is not None:
-        args.out_markdown.parent.mkdir(parents=True, exist_ok=True)
-        args.out_markdown.write_text(markdown + "\n", encoding="utf-8")
-    sys.stdout.write(markdown + "\n")
+    write_outputs(args, report, format_markdown(report))
     return 0 if report["passed"] else 1
 
 
