@@ -87,10 +87,11 @@ def test_a_large_price_drop_is_the_top_reason(shop):
     assert "-40 %" in explanation.reasons[0].facts
 
 
-def test_two_weeks_without_a_scan_is_the_top_reason(shop):
-    tables, model, as_of = shop
-    posting = _calm_posting(tables, model, as_of)
-    handed = as_of - 16 * DAY
+def _handed_over_and_silent(
+    tables: HistoryTables, posting: str, as_of: pd.Timestamp, days: int
+) -> HistoryTables:
+    """The posting handed over ``days`` ago, on time, with no tracking since the handover."""
+    handed = as_of - days * DAY
     postings = tables.postings.copy()
     row = postings["posting_number"] == posting
     postings.loc[row, "ordered_at"] = handed - 2 * DAY
@@ -101,7 +102,13 @@ def test_two_weeks_without_a_scan_is_the_top_reason(shop):
     own = events["posting_number"] == posting
     quiet = own & events["kind"].isin(["carrier_scan", "state_change", "delivery_date_change"])
     events = events[~quiet | (events["at"] <= handed + HOUR)]
-    tables = replace(tables, postings=postings, events=events)
+    return replace(tables, postings=postings, events=events)
+
+
+def test_two_weeks_without_a_scan_is_the_top_reason(shop):
+    tables, model, as_of = shop
+    posting = _calm_posting(tables, model, as_of)
+    tables = _handed_over_and_silent(tables, posting, as_of, days=16)
     explanation, _ = _top_reason(tables, model, as_of, posting)
     assert explanation.reasons[0].code == "tracking_quiet"
     assert explanation.reasons[0].values["quiet_days"] >= 16
@@ -111,23 +118,13 @@ def test_two_weeks_without_a_scan_is_the_top_reason(shop):
 def test_a_parcel_stuck_for_days_and_moving_again_is_named_by_its_silence(shop):
     tables, model, as_of = shop
     posting = _calm_posting(tables, model, as_of)
-    handed = as_of - 12 * DAY
-    postings = tables.postings.copy()
-    row = postings["posting_number"] == posting
-    postings.loc[row, "ordered_at"] = handed - 2 * DAY
-    postings.loc[row, "shipment_deadline_at"] = handed + DAY
-    postings.loc[row, "handed_over_at"] = handed
-    postings.loc[row, "promised_delivery_end_at"] = as_of + 6 * DAY
-    events = tables.events
-    own = events["posting_number"] == posting
-    tracking = own & events["kind"].isin(["carrier_scan", "state_change"])
-    events = events[~tracking | (events["at"] <= handed + HOUR)]
+    tables = _handed_over_and_silent(tables, posting, as_of, days=12)
     # Ten days without a scan after the handover, then scans again in the last day.
     scans = [
         {"at": as_of - k * HOUR, "kind": "carrier_scan", "posting_number": posting, "state": "x"}
         for k in (20, 6)
     ]
-    tables = _with_events(replace(tables, postings=postings, events=events), scans)
+    tables = _with_events(tables, scans)
     features = build_features(tables, as_of, aggregates=model.aggregates).loc[[posting]]
     assert features["hours_since_last_activity"].iloc[0] == 6.0
     assert features["silent_hours_since_handover"].iloc[0] > 7 * 24
