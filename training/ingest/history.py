@@ -33,6 +33,7 @@ from training.ingest.events import (
 from training.ingest.jsonlines import (
     BOM,
     MAX_LINE_BYTES,
+    JsonLinesLoads,
     load_json_lines_batches,
     overlong_line_reason,
     paused_garbage_collector,
@@ -63,9 +64,9 @@ _NEWLINE_SCAN_BYTES = 64 * 2**20
 _EMPTY_SCAN_BYTES = 2**16
 
 
-def load_posting_lines(path: Path) -> list[PostingBatch]:
+def load_posting_lines(path: Path, loads: JsonLinesLoads | None = None) -> list[PostingBatch]:
     """postings.jsonl: one Seller API posting object per line."""
-    return cast(list[PostingBatch], load_json_lines_batches(path, "postings"))
+    return cast(list[PostingBatch], load_json_lines_batches(path, "postings", loads=loads))
 
 
 def build_reply_postings(document: Any) -> tuple[list[Any], str | None] | str:
@@ -310,9 +311,9 @@ def load_orders_csv(path: Path, *, cancellations_are_buyer: bool) -> tuple[Posti
     return batch, warnings
 
 
-def load_pushes(path: Path) -> list[Parsed]:
+def load_pushes(path: Path, loads: JsonLinesLoads | None = None) -> list[Parsed]:
     """pushes.jsonl: the webhook archive, one notification per line."""
-    return load_json_lines_batches(path, "pushes")
+    return load_json_lines_batches(path, "pushes", loads=loads)
 
 
 def load_products(path: Path) -> list[Parsed]:
@@ -348,9 +349,15 @@ def find_posting_files(root: Path) -> list[Path]:
 
 
 def load_posting_sources(
-    sources: list[Path], *, csv_cancellations_are_buyer: bool
+    sources: list[Path],
+    *,
+    csv_cancellations_are_buyer: bool,
+    loads: JsonLinesLoads | None = None,
 ) -> tuple[list[PostingBatch], list[str]]:
-    """Parse every posting file, in reading order; also the warnings they raised."""
+    """Parse every posting file, in reading order; also the warnings they raised.
+
+    ``postings.jsonl`` may come from ``loads``, which may be parsing it in the background.
+    """
     batches: list[PostingBatch] = []
     warnings: list[str] = []
     for source in sources:
@@ -362,15 +369,22 @@ def load_posting_sources(
             batches.append(batch)
             warnings += csv_warnings
         elif source.name == POSTINGS_JSONL:
-            batches += load_posting_lines(source)
+            batches += load_posting_lines(source, loads)
         else:
             batches.append(load_posting_reply(source))
     return batches, warnings
 
 
-def load_optional_sources(root: Path) -> tuple[list[Parsed], list[Parsed], list[str], list[str]]:
+def load_optional_sources(
+    root: Path, loads: JsonLinesLoads | None = None
+) -> tuple[list[Parsed], list[Parsed], list[str], list[str]]:
     """Parse the optional files that exist: event batches, product batches, the missing
-    file names and warnings."""
+    file names and warnings.
+
+    The pushes come first among the events; with ``loads`` they are collected last, so the
+    CSV files are read while the workers are still parsing the pushes.
+    """
+    pushes: Path | None = None
     events: list[Parsed] = []
     products: list[Parsed] = []
     missing: list[str] = []
@@ -385,7 +399,7 @@ def load_optional_sources(root: Path) -> tuple[list[Parsed], list[Parsed], list[
             continue
         logger.info("reading %s", file)
         if name == PUSHES_JSONL:
-            events += load_pushes(file)
+            pushes = file
         elif name == PRODUCTS_JSONL:
             products += load_products(file)
         else:
@@ -393,6 +407,8 @@ def load_optional_sources(root: Path) -> tuple[list[Parsed], list[Parsed], list[
             parsed, csv_warnings = loader(file)
             events.append(parsed)
             warnings += csv_warnings
+    if pushes is not None:
+        events = [*load_pushes(pushes, loads), *events]
     return events, products, missing, warnings
 
 
@@ -434,11 +450,24 @@ def load_history(path: str | Path, *, csv_cancellations_are_buyer: bool = False)
     if not root.is_dir():
         raise HistoryError(f"history directory {root} does not exist")
     sources, empty_warnings = find_nonempty_posting_files(root)
-    with paused_garbage_collector():
+    # The large JSON Lines files go to worker processes first; this process reads the other
+    # files meanwhile and collects postings.jsonl (always the last posting source, and never
+    # a reason to stop the load) once everything else has been read.
+    lines_file = root / POSTINGS_JSONL if root / POSTINGS_JSONL in sources else None
+    pushes_file = root / PUSHES_JSONL
+    with paused_garbage_collector(), JsonLinesLoads() as loads:
+        if lines_file is not None:
+            loads.start(lines_file, "postings")
+        if pushes_file.is_file() and not is_empty_file(pushes_file):
+            loads.start(pushes_file, "pushes")
         posting_batches, posting_warnings = load_posting_sources(
-            sources, csv_cancellations_are_buyer=csv_cancellations_are_buyer
+            [source for source in sources if source != lines_file],
+            csv_cancellations_are_buyer=csv_cancellations_are_buyer,
         )
-        events, products, missing, side_warnings = load_optional_sources(root)
+        events, products, missing, side_warnings = load_optional_sources(root, loads)
+        if lines_file is not None:
+            logger.info("reading %s", lines_file)
+            posting_batches += load_posting_lines(lines_file, loads)
         tables = build_history_tables(
             posting_batches,
             events,

@@ -1,15 +1,16 @@
 """Seller API posting objects (FBS/rFBS and FBO) -> posting and item rows.
 
-The builder works on a list of already-decoded JSON values. One Python pass checks each
+The builder works on decoded JSON values. One Python pass (``RawPostings``) checks each
 record's shape and reads every used field into a row tuple (one pass per record costs a
 fraction of one pass per field over a large list of dicts); the rows are then transposed into
 columns and converted vectorised, so a chunk of postings costs a few dozen column operations
-rather than a DataFrame per record.
+rather than a DataFrame per record. The pass takes any iterable, so a reader can decode each
+line just before the pass reads it (see ``training.ingest.jsonlines``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -250,15 +251,18 @@ def _select(columns: RawColumns, mask: np.ndarray) -> RawColumns:
     return {name: values[mask] for name, values in columns.items()}
 
 
-class _RawPostings:
+class RawPostings:
     """What one pass over the records reads: raw posting, product and financial rows.
 
     The loop is written out in one body on purpose: it runs once per posting, and helper
-    calls per record would double its cost.
+    calls per record would double its cost. ``records`` may be a lazy iterable: a record is
+    read right after it is made, while its objects are still in the CPU cache, and a reader
+    that decodes it on the fly can free it before the next one (see
+    ``training.ingest.jsonlines.DecodedLines``).
     """
 
-    def __init__(self, records: Sequence[Any]) -> None:
-        self.reasons: list[str | None] = [None] * len(records)  # per record, shape problems
+    def __init__(self, records: Iterable[Any]) -> None:
+        self.reasons: list[str | None] = []  # per record, shape problems
         self.index: list[int] = []  # record index of each posting row
         self.product_reasons: list[str | None] = []  # per posting row
         rows: list[tuple[Any, ...]] = []
@@ -266,8 +270,8 @@ class _RawPostings:
         financial_rows: list[tuple[Any, ...]] = []
         for i, record in enumerate(records):
             reason = _structural_reason(record)
+            self.reasons.append(reason)
             if reason is not None:
-                self.reasons[i] = reason
                 continue
             get = record.get
             k = len(rows)
@@ -467,8 +471,21 @@ def build_api_posting_batch(
     the file's shape says which; otherwise a record without ``delivery_method`` and
     ``cancellation`` is taken as FBO. Unusable records become rejects, never exceptions.
     """
+    return build_raw_posting_batch(
+        RawPostings(records), lines, file, numbered=numbered, scheme=scheme
+    )
+
+
+def build_raw_posting_batch(
+    raw: RawPostings,
+    lines: Sequence[int],
+    file: str,
+    *,
+    numbered: bool = False,
+    scheme: str | None = None,
+) -> PostingBatch:
+    """``build_api_posting_batch`` for records already read by ``RawPostings``."""
     line_array = np.asarray(list(lines), dtype=np.int64)
-    raw = _RawPostings(records)
     n_rows = len(raw.index)
 
     ordered_at, time_reasons = _order_time_reasons(raw.postings)
@@ -525,7 +542,7 @@ def build_api_posting_batch(
         source=file,
         frame=postings,
         rejects=rejects,
-        records_read=len(records),
+        records_read=len(raw.reasons),
         unreadable_dates=bad_dates,
         items=items,
     )
