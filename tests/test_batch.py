@@ -138,6 +138,20 @@ def test_chunk_size_does_not_change_a_single_value(
     pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(scored), check_exact=True)
 
 
+def test_chunks_scored_in_worker_processes_write_the_same_bytes(
+    history: Path, model, tmp_path: Path
+) -> None:
+    one, two = tmp_path / "one.parquet", tmp_path / "two.parquet"
+    alone = run_batch(history, one, model=model, options=ScoringOptions(chunk_rows=97))
+    side_by_side = run_batch(
+        history, two, model=model, options=ScoringOptions(chunk_rows=97, workers=2)
+    )
+    assert pd.read_parquet(one).shape[0] > 3 * 97  # several chunks, so both workers score
+    assert two.read_bytes() == one.read_bytes()
+    same_counts = {key: value for key, value in alone.summary.items() if key != "outputs"}
+    assert {k: v for k, v in side_by_side.summary.items() if k != "outputs"} == same_counts
+
+
 def test_a_rerun_on_the_same_inputs_writes_the_same_bytes(
     history: Path, model, scored: Path, tmp_path: Path
 ) -> None:

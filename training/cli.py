@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -230,6 +231,15 @@ def score(
     chunk_rows: Annotated[
         int, typer.Option("--chunk-rows", min=1, help="Postings scored per vectorised chunk.")
     ] = 100_000,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Processes scoring chunks side by side when there is more than one chunk "
+            "(--engine local); default: the machine's cores, at most 4.",
+        ),
+    ] = None,
     engine: Annotated[
         str, typer.Option("--engine", help="local (one shop) or spark (a directory of shops).")
     ] = "local",
@@ -262,6 +272,7 @@ def score(
             lang=lang,
             chunk_rows=chunk_rows,
             playbook=load_playbook(playbook) if playbook is not None else None,
+            workers=(workers or min(4, os.cpu_count() or 1)) if engine == "local" else 1,
         )
     except (OSError, ValueError) as exc:
         raise fail(f"--playbook {playbook}: {exc}") from None

@@ -16,6 +16,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,7 @@ from training.batch.progress import Progress
 
 if TYPE_CHECKING:
     from training.batch.models import ScoringModel
+    from training.batch.parallel import WorkerPool
     from training.explain import Explanation, Playbook
     from training.tables import HistoryTables
 
@@ -66,10 +68,13 @@ class ScoringOptions:
     lang: str = "en"
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     playbook: Playbook | None = None
+    workers: int = 1  # processes scoring chunks side by side (training.batch.parallel)
 
     def __post_init__(self) -> None:
         if self.chunk_rows < 1:
             raise ValueError(f"chunk_rows must be positive, not {self.chunk_rows}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be positive, not {self.workers}")
 
 
 @dataclass
@@ -170,10 +175,28 @@ def iter_score_chunks(
 
     progress = progress or Progress()
     risk_model = model.risk_model
-    started = time.perf_counter()
-    with progress.stage("features"):
-        features = build_features(tables, as_of, aggregates=risk_model.aggregates)
-    tally.add_time("features", started)
+    from training.batch.parallel import WorkerPool
+
+    # Worker processes start and load the model while the features are built.
+    in_workers = options.workers > 1 and len(tables.postings) > options.chunk_rows
+    with WorkerPool(model, as_of, options) if in_workers else nullcontext() as pool:
+        started = time.perf_counter()
+        with progress.stage("features"):
+            features = build_features(tables, as_of, aggregates=risk_model.aggregates)
+        tally.add_time("features", started)
+        yield from _score_in_chunks(features, tables, model, as_of, options, tally, progress, pool)
+
+
+def _score_in_chunks(
+    features: pd.DataFrame,
+    tables: HistoryTables,
+    model: ScoringModel,
+    as_of: pd.Timestamp,
+    options: ScoringOptions,
+    tally: ScoreTally,
+    progress: Progress,
+    pool: WorkerPool | None,
+) -> Iterator[pa.Table]:
     order_numbers = (
         tables.postings.drop_duplicates("posting_number")
         .set_index("posting_number")["order_number"]
@@ -181,13 +204,18 @@ def iter_score_chunks(
         .to_numpy(dtype=object, na_value=None)
     )
     logger.info("%d postings open at %s", len(features), as_of.isoformat())
+    bounds = [
+        (start, start + options.chunk_rows) for start in range(0, len(features), options.chunk_rows)
+    ]
+    chunks = ((features.iloc[start:stop], order_numbers[start:stop]) for start, stop in bounds)
     with progress.stage("score", total=len(features)):
-        for start in range(0, len(features), options.chunk_rows):
-            stop = start + options.chunk_rows
-            yield build_score_chunk(
-                features.iloc[start:stop], order_numbers[start:stop], model, as_of, options, tally
-            )
-            progress.advance(min(stop, len(features)) - start)
+        if pool is not None:
+            scored = pool.score(chunks, tally)
+        else:
+            scored = (build_score_chunk(*chunk, model, as_of, options, tally) for chunk in chunks)
+        for table in scored:
+            yield table
+            progress.advance(table.num_rows)
 
 
 def build_score_chunk(

@@ -14,8 +14,9 @@ Run ``python -m training.benchmarks.batch`` (``--help`` for the options). It
    ``Booster.predict``, and ``mlflow.pyfunc`` predict of the same booster logged with MLflow's
    LightGBM flavour (medians of ``--floor-repeats``).
 
-Stage peaks come from sampling the process's resident set every few milliseconds; the whole
-run's peak is the kernel's high-water mark. The figures go to stdout as a table and, with
+Stage peaks come from sampling the resident set of the process and its scoring workers
+(``--workers``) together every few milliseconds; the whole run's peak is the highest of those
+and the kernel's high-water mark of the process. The figures go to stdout as a table and, with
 ``--json``, to a file.
 """
 
@@ -51,8 +52,19 @@ _SAMPLE_SECONDS = 0.005
 
 
 def _rss_bytes() -> int:
-    with open("/proc/self/statm", "rb") as handle:
-        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    """The resident set of this process and of its descendants (scoring workers) together."""
+    total, pending = 0, [os.getpid()]
+    while pending:
+        pid = pending.pop()
+        try:
+            resident = int(Path(f"/proc/{pid}/statm").read_bytes().split()[1])
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            children = [int(c) for t in tasks for c in (t / "children").read_text().split()]
+        except (OSError, ValueError):  # it ended while being read
+            continue
+        total += resident * os.sysconf("SC_PAGE_SIZE")
+        pending += children
+    return total
 
 
 def _peak_rss_bytes() -> int:
@@ -184,7 +196,9 @@ class StageRecorder(Progress):
         self._current = None
 
 
-def run_end_to_end(history: Path, model_dir: Path, out: Path, chunk_rows: int, lang: str) -> dict:
+def run_end_to_end(
+    history: Path, model_dir: Path, out: Path, chunk_rows: int, lang: str, workers: int
+) -> dict:
     """One timed ``cancel-risk score`` run (model loading excluded, as a server would cache it)."""
     from training.batch import ScoringOptions, load_scoring_model, run_batch
 
@@ -196,13 +210,16 @@ def run_end_to_end(history: Path, model_dir: Path, out: Path, chunk_rows: int, l
             history,
             out,
             model=model,
-            options=ScoringOptions(lang=lang, chunk_rows=chunk_rows),
+            options=ScoringOptions(lang=lang, chunk_rows=chunk_rows, workers=workers),
             progress=recorder,
         )
         total = time.perf_counter() - started
     return {
         "seconds": total,
-        "peak_rss_gb": _peak_rss_bytes() / 1e9,
+        # Sampled stage peaks count the scoring workers too; the kernel's mark only this process.
+        "peak_rss_gb": max(
+            _peak_rss_bytes() / 1e9, *(stage["peak_rss_gb"] for stage in recorder.stages.values())
+        ),
         "stages": recorder.stages,
         "steps": result.seconds,
         "postings": result.summary["postings"],
@@ -268,7 +285,9 @@ def _run_worker(args: list[str]) -> dict:
 # --- report --------------------------------------------------------------------------------
 
 
-def summarise(runs: list[dict], floor: dict, export: dict, load_average: float) -> dict:
+def summarise(
+    runs: list[dict], floor: dict, export: dict, load_average: float, workers: int = 1
+) -> dict:
     stages = list(runs[0]["stages"])
     steps = sorted({step for run in runs for step in run["steps"]})
     rows = runs[0]["postings"]["scored"]
@@ -284,6 +303,7 @@ def summarise(runs: list[dict], floor: dict, export: dict, load_average: float) 
         "end_to_end_seconds": median_total,
         "end_to_end_seconds_per_run": [round(run["seconds"], 2) for run in runs],
         "end_to_end_peak_rss_gb": max(run["peak_rss_gb"] for run in runs),
+        "workers": workers,
         "stages": {
             stage: {
                 "seconds": statistics.median(run["stages"][stage]["seconds"] for run in runs),
@@ -332,6 +352,11 @@ def format_report(report: dict) -> str:
         + f"   {floor['rows'] / floor['pyfunc_predict_seconds']:,.0f} rows/s",
         f"end to end: {report['end_to_end_seconds_per_run']} s per run",
     ]
+    if report["workers"] > 1:
+        lines.append(
+            f"{report['workers']} scoring workers: peaks include them, step times are summed "
+            "over them"
+        )
     return "\n".join(lines)
 
 
@@ -347,6 +372,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--floor-repeats", type=int, default=5)
     parser.add_argument("--chunk-rows", type=int, default=100_000)
     parser.add_argument("--lang", default="en")
+    parser.add_argument("--workers", type=int, default=1, help="cancel-risk score --workers.")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
     parser.add_argument("--model", type=Path, help="A saved RiskModel directory to use.")
     parser.add_argument("--json", type=Path, help="Also write the figures to this JSON file.")
@@ -357,8 +383,10 @@ def _parser() -> argparse.ArgumentParser:
 def _worker_main(args: list[str]) -> None:
     kind, *rest = args
     if kind == "e2e":
-        history, model_dir, out, chunk_rows, lang = rest
-        result = run_end_to_end(Path(history), Path(model_dir), Path(out), int(chunk_rows), lang)
+        history, model_dir, out, chunk_rows, lang, workers = rest
+        result = run_end_to_end(
+            Path(history), Path(model_dir), Path(out), int(chunk_rows), lang, int(workers)
+        )
     elif kind == "floor":
         history, model_dir, repeats = rest
         result = run_floor(Path(history), Path(model_dir), int(repeats))
@@ -387,13 +415,16 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("end-to-end run %d of %d", repeat + 1, args.repeats)
             runs.append(
                 _run_worker(
-                    ["e2e", str(history), str(model_dir), str(out), str(args.chunk_rows), args.lang]
+                    [
+                        *("e2e", str(history), str(model_dir), str(out)),
+                        *(str(args.chunk_rows), args.lang, str(args.workers)),
+                    ]
                 )
             )
             logger.info("run %d: %.1f s", repeat + 1, runs[-1]["seconds"])
     logger.info("floor: LightGBM and mlflow.pyfunc predict on the prebuilt matrix")
     floor = _run_worker(["floor", str(history), str(model_dir), str(args.floor_repeats)])
-    report = summarise(runs, floor, export, load_average)
+    report = summarise(runs, floor, export, load_average, args.workers)
     print(format_report(report))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
