@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from hostile import (
 )
 from typer.testing import CliRunner
 
+from serving.benchmark import stop_process
 from serving.examples import load_history_records, open_score_requests
 from training.cli import app
 from training.errors import HistoryError
@@ -391,17 +391,6 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _stop(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def service(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """`cancel-risk serve` of the tiny model on loopback (uvicorn), stopped after the module."""
@@ -438,7 +427,7 @@ def service(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             time.sleep(0.2)
         yield Service(url, log)
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +21,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from serving.benchmark import stop_process
 from training.config import PromotionConfig, load_training_config
 from training.features import FEATURE_VERSION
 from training.model import RiskModel, fit_risk_model
@@ -282,19 +281,6 @@ def _wait_until_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"mlflow server not healthy after {SERVER_START_TIMEOUT_S} s:\n{log.read_text()}")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """Stop the server and its workers (its own process group), forcibly after a grace period."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=15)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # workers that outlived the main process
-    process.wait(timeout=15)
-
-
 @pytest.fixture
 def mlflow_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, empty_tracking_db: Path
@@ -335,7 +321,7 @@ def mlflow_server(
         yield url
     finally:
         mlflow.set_tracking_uri(None)
-        _stop(process)
+        stop_process(process)
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import mlflow
 import pandas as pd
 import pytest
 
+from serving.benchmark import stop_process
 from serving.examples import latest_moment, load_history_records, open_score_requests
 from training.ingest import tables_from_objects
 
@@ -48,16 +48,6 @@ def _start(command: list[str], log: Path, cwd: Path, env: dict[str, str]) -> sub
             env=env,
             start_new_session=True,  # its own process group: teardown stops its workers too
         )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=20)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait(timeout=20)
 
 
 def _wait_for(url: str, process: subprocess.Popen, log: Path) -> None:
@@ -97,7 +87,7 @@ def mlflow_server(
         _wait_for(f"{url}/health", process, log)
         yield url, process
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 def _serve(tmp_path: Path, tracking_url: str, name: str) -> tuple[str, subprocess.Popen, Path]:
@@ -177,7 +167,7 @@ def test_train_register_serve_and_score_over_http(
         assert "cancel_risk_scores_total" in httpx.get(f"{url}/metrics").text
 
         # The tracking server goes down; a reload asked now is refused, the model keeps scoring.
-        _stop(tracking_process)
+        stop_process(tracking_process)
         reload = httpx.post(f"{url}/v1/model/reload", headers={"X-API-Key": ADMIN}, timeout=60)
         assert reload.status_code == 503
         outcome = reload.json()
@@ -190,7 +180,7 @@ def test_train_register_serve_and_score_over_http(
         assert response.status_code == 200
         assert response.json()["model"]["version"] == trained.model_version
     finally:
-        _stop(service)
+        stop_process(service)
     # uvicorn shuts down gracefully on SIGTERM, then exits by that signal.
     assert "Application shutdown complete" in log.read_text()
 
@@ -204,6 +194,6 @@ def test_train_register_serve_and_score_over_http(
         response = httpx.post(f"{url}/v1/score", json=requests[0], headers=headers, timeout=30)
         assert response.status_code == 200
     finally:
-        _stop(service)
+        stop_process(service)
     for secret in (KEY, ADMIN):
         assert secret not in log.read_text()
