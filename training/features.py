@@ -641,14 +641,19 @@ def _delivery_stage(
 
 
 def _silent_hours_since_handover(
-    ctx: FeatureContext, activity_row: np.ndarray, activity_at: np.ndarray
+    ctx: FeatureContext,
+    handed_over: np.ndarray,
+    handed_over_ns: np.ndarray,
+    activity_row: np.ndarray,
+    activity_at: np.ndarray,
 ) -> np.ndarray:
     """Hours of tracking silence since the handover, up to each ``as_of``.
 
     The gaps between the handover, each later tracking event (scan or state push) and
     ``as_of`` each count with what exceeds :data:`TOLERATED_SILENCE_HOURS`. Parcels barely move
     while their tracking is silent, so the sum says how much of the time since the handover
-    the parcel spent stuck. NaN before the handover.
+    the parcel spent stuck. NaN before the handover (``handed_over``: per moment, handed over
+    by ``as_of``, at ``handed_over_ns``).
     """
     posting_handed_ns = to_ns(ctx.tables.postings["handed_over_at"])
     handed_ns = gather(posting_handed_ns, activity_row, NAT_NS)
@@ -665,10 +670,8 @@ def _silent_hours_since_handover(
         start_pos = np.maximum.accumulate(np.where(starts, np.arange(len(row)), 0))
         silent_so_far_ns = total - (total - excess)[start_pos]
 
-    moment_handed_ns = ctx.posting_ns("handed_over_at")
-    handed_over = (moment_handed_ns != NAT_NS) & (moment_handed_ns <= ctx.as_of_ns)
     latest = latest_row(row, at, ctx.posting_row, ctx.as_of_ns)
-    last_ns = np.where(latest >= 0, gather(at, latest, NAT_NS), moment_handed_ns)
+    last_ns = np.where(latest >= 0, gather(at, latest, NAT_NS), handed_over_ns)
     open_gap = _hours(ctx.as_of_ns, last_ns) - TOLERATED_SILENCE_HOURS
     silent_so_far = gather(silent_so_far_ns, latest, 0) / NS_PER_HOUR
     silent = silent_so_far + np.maximum(np.nan_to_num(open_gap), 0.0)
@@ -694,7 +697,9 @@ def build_timeline(ctx: FeatureContext) -> dict[str, ColumnValues]:
     handed_over = (handed_over_ns != NAT_NS) & (handed_over_ns <= ctx.as_of_ns)
     stage, stage_since_ns = _delivery_stage(ctx, handed_over, handed_over_ns)
     activity_row, activity_at = _posting_event_times(ctx, ("carrier_scan", "state_change"))
-    silent_hours = _silent_hours_since_handover(ctx, activity_row, activity_at)
+    silent_hours = _silent_hours_since_handover(
+        ctx, handed_over, handed_over_ns, activity_row, activity_at
+    )
     return {
         "hours_since_order": _hours(ctx.as_of_ns, ctx.ordered_ns),
         "is_handed_over": handed_over.astype("float64"),
