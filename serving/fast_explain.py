@@ -29,7 +29,8 @@ from training.explain import (
     FACT_TEXT_COLUMNS,
     Explainer,
     Explanation,
-    fact_values,
+    FactColumns,
+    fact_columns,
     rank_causes,
 )
 from training.model import RiskModel
@@ -74,17 +75,22 @@ class FastExplainer:
         handed_over = np.nan_to_num(handed_over, nan=0.0)
         drops = self.explainer.risk_drops(matrix, raw, probabilities)
 
-        def values_of(positions: np.ndarray) -> list[dict[str, float | str]]:
+        def values_of(positions: np.ndarray) -> FactColumns:
             chosen = [rows[i] for i in positions.tolist()]
             numbers = {
                 column: np.array([_number(row[column]) for row in chosen], dtype="float64")
                 for column in FACT_NUMBER_COLUMNS
             }
             texts = {column: [row[column] for row in chosen] for column in FACT_TEXT_COLUMNS}
-            return fact_values(numbers, texts)
+            return fact_columns(numbers, texts)
 
         return self.explainer.explain(
-            probabilities, handed_over, rank_causes(drops), values_of, lang
+            probabilities,
+            handed_over,
+            *rank_causes(drops),
+            values_of,
+            lang,
+            needs_reason=self.explainer.model.risk_levels(probabilities) != "low",
         )
 
 

@@ -193,7 +193,11 @@ class MessageResponse(_Strict):
 
 
 class ReasonOut(_Strict):
-    code: str = Field(description="price_drop, late_delivery, tracking_quiet, not_shipped, ...")
+    code: str = Field(
+        description="price_drop, late_delivery, tracking_quiet, not_shipped, listing_changed, "
+        "buyer_profile, early_remorse, slow_carrier, or no_single_cause (a medium or high risk "
+        "that no one fix lowers: drop and share 0)"
+    )
     share: float = Field(description="Part of this order's probability the cause accounts for.")
     risk_drop: float = Field(description="Probability removed if the cause were fixed.")
     facts: str = Field(description="The facts behind the cause, in the requested language.")

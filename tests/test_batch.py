@@ -36,7 +36,7 @@ from training.batch.output import (
 )
 from training.batch.progress import LogProgress, RichProgress, build_progress
 from training.cli import app
-from training.explain import CAUSES, DECISIONS, build_explanations, explanation_to_dict
+from training.explain import DECISIONS, REASON_CODES, build_explanations, explanation_to_dict
 from training.features import build_features, open_postings_at
 from training.ingest import load_history
 
@@ -126,8 +126,9 @@ def test_medium_and_high_rows_carry_the_explain_modules_reasons_low_rows_none(
         assert frame["decision"].iloc[row] == explanation.decision
         assert frame["expected_saving"].iloc[row] == explanation.expected_saving
     assert all(reasons[row] == [] for row in np.flatnonzero(~at_risk))
+    assert all(reasons[row] for row in np.flatnonzero(at_risk)), "every order at risk has a reason"
     named = [r["code"] for row in np.flatnonzero(at_risk) for r in reasons[row]]
-    assert named and set(named) <= set(CAUSES)
+    assert named and set(named) <= set(REASON_CODES)
 
 
 def test_chunk_size_does_not_change_a_single_value(

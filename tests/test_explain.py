@@ -12,9 +12,11 @@ from training.config import CostsConfig
 from training.explain import (
     CAUSES,
     LANGUAGES,
+    NO_SINGLE_CAUSE,
     build_decisions,
     build_explanations,
     build_risk_drops,
+    format_rows,
     load_playbook,
 )
 from training.features import build_features
@@ -173,10 +175,19 @@ def test_reasons_are_at_most_three_raise_the_risk_and_follow_the_language(shop):
         explanations = build_explanations(model, features, probabilities, lang=lang)
         assert len(explanations) == len(features)
         playbook = load_playbook()
-        titles = {a.get(lang) for c in CAUSES for a in playbook.causes[c].actions}
-        for explanation in explanations:
+        titles = {
+            a.get(lang) for c in (*CAUSES, NO_SINGLE_CAUSE) for a in playbook.entry(c).actions
+        }
+        levels = model.risk_levels(probabilities)
+        for explanation, level in zip(explanations, levels, strict=True):
             assert len(explanation.reasons) <= 3
-            assert all(r.risk_drop > 0 and r.code in CAUSES for r in explanation.reasons)
+            codes = [r.code for r in explanation.reasons]
+            if codes == [NO_SINGLE_CAUSE]:
+                assert level != "low"
+                assert explanation.reasons[0].risk_drop == explanation.reasons[0].share == 0.0
+            else:
+                assert all(r.risk_drop > 0 and r.code in CAUSES for r in explanation.reasons)
+            assert explanation.reasons or level == "low"
             drops = [r.risk_drop for r in explanation.reasons]
             assert drops == sorted(drops, reverse=True)
             if explanation.reasons:
@@ -226,3 +237,69 @@ def test_the_playbook_is_editable_data(tmp_path):
     path.write_text(text.replace("        zh: 今天发货\n", ""), encoding="utf-8")
     with pytest.raises(ValueError, match="zh"):
         load_playbook(path)
+
+
+def test_an_order_at_risk_that_no_single_cause_explains_gets_that_as_its_reason(shop):
+    tables, model, as_of = shop
+    features = build_features(tables, as_of, aggregates=model.aggregates)
+    probabilities = model.score_features(features)
+    levels = model.risk_levels(probabilities)
+    drops = build_risk_drops(model, features, probabilities)
+    explanations = build_explanations(model, features, probabilities)
+    # Orders whose every applicable cause removes less than the named minimum.
+    unexplained = (drops.fillna(-1).max(axis=1) < 0.002).to_numpy()
+    at_risk = levels != "low"
+    assert (unexplained & at_risk).any() and (unexplained & ~at_risk).any()
+    for row in np.flatnonzero(unexplained):
+        reasons = explanations[row].reasons
+        if at_risk[row]:
+            (reason,) = reasons
+            assert reason.code == NO_SINGLE_CAUSE
+            assert "no single fix lowers it" in reason.facts
+            assert f"carrier {features['carrier'].iloc[row]}" in reason.facts
+            playbook = load_playbook()
+            assert playbook.entry(NO_SINGLE_CAUSE).actions[0].en in explanations[row].actions
+        else:
+            assert reasons == ()
+
+
+def test_fact_templates_are_filled_as_format_map_fills_them():
+    columns = {
+        "days": [1.25, float("nan"), -0.0, 12.5],
+        "carrier": ["Почта", "?", "cainiao", "{x}"],
+    }
+    templates = [
+        "{days:.0f} days via {carrier}",
+        "{carrier!r} {days!s}: {{literal}} {days:+.1f}",
+        "{days:>{width}}",  # a nested field: formatted row by row, as format_map does it
+        "no fields at all",
+        "",
+    ]
+    rows = [3, 0, 2, 1, 0]
+    for template in templates:
+        expected = []
+        for row in rows:
+            values = {name: column[row] for name, column in columns.items()}
+            try:
+                expected.append(template.format_map(values))
+            except KeyError as exc:
+                expected.append(exc)
+        if any(isinstance(e, KeyError) for e in expected):
+            with pytest.raises(KeyError):
+                format_rows(template, columns, rows)
+        else:
+            assert format_rows(template, columns, rows) == expected
+    with pytest.raises(KeyError, match="unknown"):
+        format_rows("{unknown:.0f}", columns, rows)
+
+
+def test_a_playbook_written_before_no_single_cause_uses_the_shipped_entry(tmp_path):
+    text = (load_playbook.__globals__["resources"].files("training") / "playbook.yaml").read_text(
+        encoding="utf-8"
+    )
+    start, end = text.index("no_single_cause:"), text.index("\ndecisions:")
+    path = tmp_path / "playbook.yaml"
+    path.write_text(text[:start] + text[end:], encoding="utf-8")
+    older = load_playbook(path)
+    assert older.no_single_cause is None
+    assert older.entry(NO_SINGLE_CAUSE) == load_playbook().entry(NO_SINGLE_CAUSE)

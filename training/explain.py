@@ -17,13 +17,15 @@ shown and the actions, in English, Chinese and Russian.
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import string
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -47,6 +49,10 @@ CAUSES = (
     "early_remorse",
     "slow_carrier",
 )
+# The reason of a medium- or high-risk order that no single cause explains: its risk is that of
+# orders like it (carrier, region, payment), and no one fix would remove a noticeable part of it.
+NO_SINGLE_CAUSE = "no_single_cause"
+REASON_CODES = (*CAUSES, NO_SINGLE_CAUSE)
 DECISIONS = ("ship", "contact_buyer", "hold_and_confirm")
 MAX_REASONS = 3
 # A cause must remove at least this much probability to be named: noise is not a reason.
@@ -78,6 +84,14 @@ class CauseEntry(_Strict):
 class Playbook(_Strict):
     causes: dict[str, CauseEntry]
     decisions: dict[str, Texts]
+    # Absent from a playbook written before it existed: the shipped playbook's entry is used.
+    no_single_cause: CauseEntry | None = None
+
+    def entry(self, code: str) -> CauseEntry:
+        """The entry of a reason code: a cause, or :data:`NO_SINGLE_CAUSE`."""
+        if code != NO_SINGLE_CAUSE:
+            return self.causes[code]
+        return self.no_single_cause or _default_playbook().entry(code)
 
     @model_validator(mode="after")
     def _complete(self) -> Playbook:
@@ -89,7 +103,8 @@ class Playbook(_Strict):
         if missing_decisions:
             raise ValueError(f"playbook decisions missing: {missing_decisions}")
         for cause, fact_names in FACTS.items():
-            absent = [name for name in fact_names if name not in self.causes[cause].facts]
+            entry = self.causes.get(cause) if cause in CAUSES else self.no_single_cause
+            absent = [name for name in fact_names if entry and name not in entry.facts]
             if absent:
                 raise ValueError(f"playbook cause {cause!r} lacks the facts {absent}")
         return self
@@ -412,6 +427,7 @@ FACTS: dict[str, tuple[str, ...]] = {
     "buyer_profile": ("payment", "earlier_cancels", "first_time", "region"),
     "early_remorse": ("recent",),
     "slow_carrier": ("record",),
+    NO_SINGLE_CAUSE: ("profile",),
 }
 
 
@@ -431,14 +447,18 @@ FACT_NUMBER_COLUMNS = (
 )
 FACT_TEXT_COLUMNS = ("payment_type", "region", "carrier")
 
+# The values the fact templates quote, by name: one list per name, a row per order.
+FactColumns = dict[str, list]
 
-def fact_values(
+
+def fact_columns(
     numbers: Mapping[str, np.ndarray], texts: Mapping[str, Sequence[object]]
-) -> list[dict[str, float | str]]:
-    """The values the fact templates quote, one dict per row, computed column by column.
+) -> FactColumns:
+    """The values the fact templates quote, computed column by column.
 
     ``numbers`` holds :data:`FACT_NUMBER_COLUMNS` as float arrays (NaN: unknown), ``texts``
     holds :data:`FACT_TEXT_COLUMNS` as sequences of strings (None or NA: unknown, shown "?").
+    Numbers come out as Python floats, which the templates format.
     """
     price_now = numbers["price_change_pct"]
     to_promise = numbers["hours_to_promised_delivery_end"]
@@ -463,16 +483,15 @@ def fact_values(
         "carrier": _shown(texts["carrier"]),
         "carrier_cancel_pct": 100.0 * numbers["carrier_buyer_cancel_rate"],
     }
-    names = list(columns)
-    values = [
-        column.tolist() if isinstance(column, np.ndarray) else column for column in columns.values()
-    ]
-    return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+    return {
+        name: column.tolist() if isinstance(column, np.ndarray) else column
+        for name, column in columns.items()
+    }
 
 
-def frame_fact_values(features: pd.DataFrame) -> list[dict[str, float | str]]:
-    """:func:`fact_values` of the rows of a feature frame."""
-    return fact_values(
+def frame_fact_columns(features: pd.DataFrame) -> FactColumns:
+    """:func:`fact_columns` of the rows of a feature frame."""
+    return fact_columns(
         {c: features[c].to_numpy(dtype="float64", na_value=np.nan) for c in FACT_NUMBER_COLUMNS},
         {c: features[c].tolist() for c in FACT_TEXT_COLUMNS},
     )
@@ -482,47 +501,82 @@ def _shown(names: Sequence[object]) -> list[str]:
     return [name if isinstance(name, str) and name else "?" for name in names]
 
 
-def _quoted_numbers(values: Mapping[str, float | str]) -> dict[str, float]:
+def _quoted_numbers(columns: FactColumns, row: int) -> dict[str, float]:
     """The known numbers among a row's fact values (a reason's ``values``)."""
-    return {k: v for k, v in values.items() if isinstance(v, float) and v == v}
+    return {
+        name: value
+        for name, column in columns.items()
+        if isinstance(value := column[row], float) and value == value
+    }
 
 
-def _facts_that_hold(
-    cause: str, values: Mapping[str, float | str], reference: Mapping[str, str]
-) -> list[str]:
+def _held_facts(
+    cause: str, columns: FactColumns, rows: np.ndarray, reference: Mapping[str, str]
+) -> dict[str, np.ndarray]:
+    """For each fact of ``cause`` (in the playbook's order), whether it holds at each row."""
+
+    def numbers(name: str) -> np.ndarray:
+        return np.asarray(columns[name], dtype="float64")[rows]
+
+    def differs(name: str, reference_name: str) -> np.ndarray:
+        if reference_name not in reference:
+            return np.zeros(len(rows), dtype=bool)
+        return np.asarray(columns[name], dtype=object)[rows] != reference[reference_name]
+
     if cause == "tracking_quiet":
         # Quiet now says it all; moving again after a silence, the silence is the fact.
-        return ["quiet" if values["quiet_days"] > 2.0 else "stalled"]
+        quiet = _gt(numbers("quiet_days"), 2.0)
+        return {"quiet": quiet, "stalled": ~quiet}
     if cause == "late_delivery":
-        held = ["late" if values["days_late"] > 0 else "due"]
-        return held + (["moved"] if values["date_changes"] > 0 else [])
+        late = _gt(numbers("days_late"), 0.0)
+        return {"late": late, "due": ~late, "moved": _gt(numbers("date_changes"), 0.0)}
     if cause == "buyer_profile":
-        held = []
-        if "payment_type" not in reference or values["payment"] != reference["payment_type"]:
-            held.append("payment")
-        if values["earlier_cancels"] > 0:
-            held.append("earlier_cancels")
-        if values["earlier_postings"] == 0:
-            held.append("first_time")
-        if "region" in reference and values["region"] != reference["region"]:
-            held.append("region")
-        return held or ["payment"]
-    return list(FACTS[cause])
+        held = {
+            "payment": differs("payment", "payment_type") | ("payment_type" not in reference),
+            "earlier_cancels": _gt(numbers("earlier_cancels"), 0.0),
+            "first_time": numbers("earlier_postings") == 0.0,
+            "region": differs("region", "region"),
+        }
+        held["payment"] |= ~np.logical_or.reduce(list(held.values()))  # the payment at least
+        return held
+    return {name: np.ones(len(rows), dtype=bool) for name in FACTS[cause]}
 
 
-def describe_reason(
-    cause: str,
-    values: Mapping[str, float | str],
-    lang: str,
-    playbook: Playbook,
-    reference: Mapping[str, str],
-) -> str:
-    """The facts behind ``cause`` for one order (its :func:`fact_values`), as text in ``lang``."""
-    entry = playbook.causes[cause]
-    return "; ".join(
-        entry.facts[name].get(lang).format_map(values)
-        for name in _facts_that_hold(cause, values, reference)
-    )
+_FORMATTER = string.Formatter()
+
+
+@cache
+def _template_parts(template: str) -> tuple[tuple[str, str | None, str, str | None], ...] | None:
+    """A template's literal texts and fields, or None when a field is more than a plain name
+    (an attribute, an index, a nested format): such a template is formatted row by row."""
+    parts = tuple(_FORMATTER.parse(template))
+    for _, field, spec, _ in parts:
+        if field is not None and (not field.isidentifier() or "{" in spec):
+            return None
+    return parts
+
+
+_CONVERSIONS: dict[str | None, Callable[[object], object]] = {
+    None: lambda value: value,
+    "s": str,
+    "r": repr,
+    "a": ascii,
+}
+
+
+def format_rows(template: str, columns: FactColumns, rows: Sequence[int]) -> list[str]:
+    """``template.format_map`` of the fact values of each row at ``rows``, field by field."""
+    parts = _template_parts(template)
+    if parts is None:
+        return [template.format_map({k: v[row] for k, v in columns.items()}) for row in rows]
+    pieces: list[Iterable[str]] = []
+    for literal, field, spec, conversion in parts:
+        if literal:
+            pieces.append(itertools.repeat(literal, len(rows)))
+        if field is not None:
+            column, convert = columns[field], _CONVERSIONS[conversion]
+            pieces.append([format(convert(column[row]), spec) for row in rows])
+    return ["".join(texts) for texts in zip(*pieces, strict=True)] if pieces else [""] * len(rows)
 
 
 # --- decisions ---------------------------------------------------------------------------------
@@ -563,6 +617,58 @@ def model_costs(model: RiskModel) -> CostsConfig:
 # --- the whole explanation ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ExplanationColumns:
+    """Explanations of many orders as columns: what the batch writes without a per-order object.
+
+    Reasons fill the first slots of a row (largest drop first); the other slots hold None (codes,
+    facts) and NaN (shares, drops). ``fact_values``/``fact_row`` keep the values the facts quote,
+    for :meth:`to_explanations`.
+    """
+
+    codes: np.ndarray  # (orders, MAX_REASONS) reason codes
+    shares: np.ndarray  # (orders, MAX_REASONS)
+    risk_drops: np.ndarray  # (orders, MAX_REASONS)
+    facts: np.ndarray  # (orders, MAX_REASONS) texts
+    actions: list[tuple[str, ...]]
+    decisions: list[str]
+    savings: list[float]
+    fact_values: FactColumns
+    fact_row: np.ndarray  # per order: its row in fact_values, -1 when it has no reasons
+
+    def reason_lists(self) -> list[list[dict[str, Any]]]:
+        """Each order's JSON-ready reasons (the REST service's and the batch's shape), in row
+        order: empty for an order without reasons."""
+        none: list[dict[str, Any]] = []  # shared by the orders without reasons: never mutated
+        listed = [none] * len(self.fact_row)
+        rows = np.flatnonzero(self.fact_row >= 0)
+        columns = (c[rows].tolist() for c in (self.codes, self.shares, self.risk_drops, self.facts))
+        for row, *cells in zip(rows.tolist(), *columns, strict=True):
+            listed[row] = [
+                {"code": code, "share": share, "risk_drop": drop, "facts": text}
+                for code, share, drop, text in zip(*cells, strict=True)
+                if code is not None
+            ]
+        return listed
+
+    def to_explanations(self) -> list[Explanation]:
+        explanations = []
+        for row, reasons in enumerate(self.reason_lists()):
+            numbers = _quoted_numbers(self.fact_values, self.fact_row[row]) if reasons else {}
+            explanations.append(
+                Explanation(
+                    tuple(
+                        Reason(r["code"], r["share"], r["risk_drop"], r["facts"], dict(numbers))
+                        for r in reasons
+                    ),
+                    self.actions[row],
+                    self.decisions[row],
+                    self.savings[row],
+                )
+            )
+        return explanations
+
+
 def build_explanations(
     model: RiskModel,
     features: pd.DataFrame,
@@ -573,26 +679,53 @@ def build_explanations(
     costs: CostsConfig | None = None,
     with_reasons: np.ndarray | None = None,
 ) -> list[Explanation]:
+    """Reasons (at most three), actions and a decision per row: see
+    :func:`build_explanation_columns`."""
+    return build_explanation_columns(
+        model,
+        features,
+        probabilities,
+        lang=lang,
+        playbook=playbook,
+        costs=costs,
+        with_reasons=with_reasons,
+    ).to_explanations()
+
+
+def build_explanation_columns(
+    model: RiskModel,
+    features: pd.DataFrame,
+    probabilities: np.ndarray,
+    *,
+    lang: str = "en",
+    playbook: Playbook | None = None,
+    costs: CostsConfig | None = None,
+    with_reasons: np.ndarray | None = None,
+) -> ExplanationColumns:
     """Reasons (at most three, only causes that raise the risk), actions and a decision per row.
 
     ``with_reasons`` (boolean per row) limits the counterfactual work to the rows that need
     reasons, e.g. medium and high risk in a nightly batch; the others get the decision only.
+    A medium- or high-risk row that no single cause explains gets :data:`NO_SINGLE_CAUSE`.
     """
     explainer = Explainer(model, playbook=playbook, costs=costs)
     probabilities = np.asarray(probabilities, dtype="float64")
     rows = np.arange(len(features)) if with_reasons is None else np.flatnonzero(with_reasons)
-    part = features.iloc[rows]
-    matrix = model.build_matrix(part)
+    matrix = model.build_matrix(features.iloc[rows])
     drops = explainer.risk_drops(matrix, model.predict_matrix_raw(matrix), probabilities[rows])
-    ranked: list[list[tuple[int, float]]] = [[] for _ in range(len(features))]
-    for row, causes in zip(rows.tolist(), rank_causes(drops), strict=True):
-        ranked[row] = causes
-    return explainer.explain(
+    causes = np.full((len(features), MAX_REASONS), -1, dtype=np.int64)
+    top_drops = np.full((len(features), MAX_REASONS), np.nan)
+    causes[rows], top_drops[rows] = rank_causes(drops)
+    needs_reason = np.zeros(len(features), dtype=bool)
+    needs_reason[rows] = model.risk_levels(probabilities[rows]) != "low"
+    return explainer.explain_columns(
         probabilities,
         features["is_handed_over"].to_numpy(dtype="float64", na_value=0.0),
-        ranked,
-        lambda explained: frame_fact_values(features.iloc[explained]),
+        causes,
+        top_drops,
+        lambda explained: frame_fact_columns(features.iloc[explained]),
         lang,
+        needs_reason=needs_reason,
     )
 
 
@@ -600,7 +733,7 @@ class Explainer:
     """One model's explanations: what the batch, the report and the REST service all run.
 
     Rows come as the model matrix (for the counterfactuals) and, for the rows that get
-    reasons, their :func:`fact_values` (for the texts), so a caller holding rows as dicts and
+    reasons, their :func:`fact_columns` (for the texts), so a caller holding rows as dicts and
     one holding a feature frame share every step.
     """
 
@@ -622,74 +755,121 @@ class Explainer:
     ) -> np.ndarray:
         return risk_drop_matrix(self.model, matrix, raw, probabilities, self.reference_codes)
 
-    def explain(
+    def explain(self, *args: Any, **kwargs: Any) -> list[Explanation]:
+        """:meth:`explain_columns` as one :class:`Explanation` per row."""
+        return self.explain_columns(*args, **kwargs).to_explanations()
+
+    def explain_columns(
         self,
         probabilities: np.ndarray,
         handed_over: np.ndarray,
-        ranked: Sequence[Sequence[tuple[int, float]]],
-        values_of: Callable[[np.ndarray], list[dict[str, float | str]]],
+        causes: np.ndarray,
+        drops: np.ndarray,
+        values_of: Callable[[np.ndarray], FactColumns],
         lang: str,
-    ) -> list[Explanation]:
-        """Explanations of rows whose causes are ranked (:func:`rank_causes`, empty: none).
+        *,
+        needs_reason: np.ndarray | None = None,
+    ) -> ExplanationColumns:
+        """Explanations of rows whose causes are ranked (:func:`rank_causes`; -1: no cause).
 
-        ``values_of`` gives the :func:`fact_values` of the rows at the positions it is given:
-        only the rows with reasons need them.
+        A row of ``needs_reason`` (medium or high risk) without a named cause gets
+        :data:`NO_SINGLE_CAUSE`, which no fix removes (drop and share 0). ``values_of`` gives
+        the :func:`fact_columns` of the rows at the positions it is given: only the rows with
+        reasons need them. Every step runs on columns, a cause (and a fact) at a time.
         """
         if lang not in LANGUAGES:
             raise ValueError(f"lang must be one of {LANGUAGES}, not {lang!r}")
+        probabilities = np.asarray(probabilities, dtype="float64")
+        causes, drops = causes.copy(), drops.copy()
+        if needs_reason is not None:
+            unexplained = needs_reason & (causes[:, 0] < 0)
+            causes[unexplained, 0] = REASON_CODES.index(NO_SINGLE_CAUSE)
+            drops[unexplained, 0] = 0.0
+        explained = np.flatnonzero(causes[:, 0] >= 0)
+        values = values_of(explained)
+        fact_row = np.full(len(causes), -1, dtype=np.int64)
+        fact_row[explained] = np.arange(len(explained))
+
+        codes = np.full(causes.shape, None, dtype=object)
+        facts = np.full(causes.shape, None, dtype=object)
+        shares = np.full(causes.shape, np.nan)
+        risk_drops = np.full(causes.shape, np.nan)
+        for index, code in enumerate(REASON_CODES):
+            rows, slots = np.nonzero(causes == index)
+            if not len(rows):
+                continue
+            codes[rows, slots] = code
+            facts[rows, slots] = self._facts(code, values, fact_row[rows], lang)
+            dropped = drops[rows, slots].tolist()
+            risk_drops[rows, slots] = [round(drop, 6) for drop in dropped]
+            shares[rows, slots] = [
+                round(drop / probability, 4) if probability > 0 else 0.0
+                for drop, probability in zip(dropped, probabilities[rows].tolist(), strict=True)
+            ]
         decisions, savings = build_decisions(probabilities, handed_over, self.costs)
-        explained = np.flatnonzero([bool(causes) for causes in ranked])
-        values = dict(zip(explained.tolist(), values_of(explained), strict=True))
-        actions_of: dict[tuple[tuple[str, ...], str], tuple[str, ...]] = {}
-        explanations = []
-        for i, (causes, decision, saving) in enumerate(
-            zip(ranked, decisions.tolist(), savings.tolist(), strict=True)
-        ):
-            reasons = (
-                self._reasons(causes, values[i], float(probabilities[i]), lang) if causes else ()
+        return ExplanationColumns(
+            codes=codes,
+            shares=shares,
+            risk_drops=risk_drops,
+            facts=facts,
+            actions=self._actions(causes, decisions, lang),
+            decisions=decisions.tolist(),
+            savings=[round(saving, 4) for saving in savings.tolist()],
+            fact_values=values,
+            fact_row=fact_row,
+        )
+
+    def _facts(self, code: str, values: FactColumns, rows: np.ndarray, lang: str) -> list[str]:
+        """The facts of reason ``code`` at each of ``rows`` (rows of ``values``), joined."""
+        entry = self.playbook.entry(code)
+        held = _held_facts(code, values, rows, self.reference)
+        if len(held) == 1:
+            (name,) = held
+            return format_rows(entry.facts[name].get(lang), values, rows.tolist())
+        parts: list[list[str]] = [[] for _ in range(len(rows))]
+        for name, holds in held.items():
+            chosen = np.flatnonzero(holds)
+            texts = format_rows(entry.facts[name].get(lang), values, rows[chosen].tolist())
+            for k, text in zip(chosen.tolist(), texts, strict=True):
+                parts[k].append(text)
+        return ["; ".join(texts) for texts in parts]
+
+    def _actions(
+        self, causes: np.ndarray, decisions: np.ndarray, lang: str
+    ) -> list[tuple[str, ...]]:
+        """Each row's actions, worked out once per distinct (reasons, decision)."""
+        decision_index = {decision: i for i, decision in enumerate(DECISIONS)}
+        keys = np.column_stack(
+            [causes, np.fromiter(map(decision_index.get, decisions), np.int64, len(decisions))]
+        )
+        distinct, inverse = np.unique(keys, axis=0, return_inverse=True)
+        chosen = [
+            _actions(
+                tuple(REASON_CODES[c] for c in key[:-1] if c >= 0),
+                DECISIONS[key[-1]],
+                lang,
+                self.playbook,
             )
-            codes = tuple(reason.code for reason in reasons)
-            actions = actions_of.get((codes, decision))
-            if actions is None:
-                actions = _actions(reasons, decision, lang, self.playbook)
-                actions_of[(codes, decision)] = actions
-            explanations.append(Explanation(reasons, actions, decision, round(saving, 4)))
-        return explanations
-
-    def _reasons(
-        self,
-        causes: Sequence[tuple[int, float]],
-        values: Mapping[str, float | str],
-        probability: float,
-        lang: str,
-    ) -> tuple[Reason, ...]:
-        numbers = _quoted_numbers(values)
-        reasons = []
-        for cause_index, drop in causes:
-            code = CAUSES[cause_index]
-            facts = describe_reason(code, values, lang, self.playbook, self.reference)
-            share = drop / probability if probability > 0 else 0.0
-            reasons.append(Reason(code, round(share, 4), round(drop, 6), facts, dict(numbers)))
-        return tuple(reasons)
+            for key in distinct.tolist()
+        ]
+        return [chosen[k] for k in inverse.reshape(-1).tolist()]
 
 
-def rank_causes(drops: np.ndarray) -> list[list[tuple[int, float]]]:
-    """Per row, up to MAX_REASONS (cause index, drop) with a real drop, largest first."""
+def rank_causes(drops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, up to MAX_REASONS causes with a real drop, largest first: their indexes in
+    :data:`CAUSES` (-1 past the last) and their drops (NaN past the last)."""
     clean = np.nan_to_num(drops, nan=-np.inf)
     order = np.argsort(-clean, axis=1, kind="stable")[:, :MAX_REASONS]
     top = np.take_along_axis(clean, order, axis=1)
     named = top >= MIN_RISK_DROP
-    return [
-        [(cause, drop) for cause, drop, keep in zip(o, t, k, strict=True) if keep]
-        for o, t, k in zip(order.tolist(), top.tolist(), named.tolist(), strict=True)
-    ]
+    return np.where(named, order, -1), np.where(named, top, np.nan)
 
 
 MAX_ACTIONS = 4
 
 
 def _actions(
-    reasons: tuple[Reason, ...], decision: str, lang: str, playbook: Playbook
+    codes: tuple[str, ...], decision: str, lang: str, playbook: Playbook
 ) -> tuple[str, ...]:
     """The decision, then each reason's first action, then their second ones; no repeats.
 
@@ -698,12 +878,12 @@ def _actions(
     chosen: dict[str, None] = {}
     if decision != "ship":
         chosen[playbook.decisions[decision].get(lang)] = None
-    depth = max((len(playbook.causes[r.code].actions) for r in reasons), default=0)
+    entries = [playbook.entry(code) for code in codes]
+    depth = max((len(entry.actions) for entry in entries), default=0)
     for level in range(depth):
-        for reason in reasons:
-            actions = playbook.causes[reason.code].actions
-            if level < len(actions):
-                chosen.setdefault(actions[level].get(lang), None)
+        for entry in entries:
+            if level < len(entry.actions):
+                chosen.setdefault(entry.actions[level].get(lang), None)
     return tuple(chosen)[:MAX_ACTIONS]
 
 
