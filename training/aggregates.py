@@ -21,6 +21,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from training.tables import TERMINAL_STATUSES, UTC_TS, HistoryTables
 
@@ -139,6 +141,22 @@ def latest_row(
     rows = merged["row"].to_numpy(dtype="float64", na_value=np.nan)
     result[left_order] = np.where(np.isnan(rows), -1, rows).astype("int64")
     return result
+
+
+def positions_of(keys: pd.Series | pd.Index, queries: pd.Series | pd.Index) -> np.ndarray:
+    """The position of each query among ``keys`` (unique strings), -1 when absent or missing.
+
+    What ``pd.Index(keys).get_indexer(queries)`` gives, hashed by Arrow: about five times
+    faster on the millions of posting numbers of events and items.
+    """
+    value_set = _arrow_strings(keys)
+    found = pc.index_in(_arrow_strings(queries).cast(value_set.type), value_set=value_set)
+    return found.fill_null(-1).to_numpy().astype("int64")
+
+
+def _arrow_strings(values: pd.Series | pd.Index) -> pa.Array:
+    array = pa.array(pd.Series(values, copy=False).astype("string").array)
+    return array if isinstance(array, pa.Array) else array.combine_chunks()
 
 
 def gather(values: np.ndarray, rows: np.ndarray, fill: float | int = np.nan) -> np.ndarray:
@@ -369,9 +387,7 @@ class HistoryAggregates:
         tables: HistoryTables, resolved_ns: np.ndarray, increments: Mapping[str, np.ndarray]
     ) -> pd.DataFrame:
         """Per SKU: each resolved posting that holds the SKU counts once, however many lines."""
-        position = pd.Index(tables.postings["posting_number"]).get_indexer(
-            tables.items["posting_number"]
-        )
+        position = positions_of(tables.postings["posting_number"], tables.items["posting_number"])
         lines = pd.DataFrame({"position": position, "sku": tables.items["sku"].to_numpy()})
         lines = lines[(lines["position"] >= 0) & lines["sku"].notna()]
         lines = lines.drop_duplicates()

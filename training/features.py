@@ -33,6 +33,7 @@ from training.aggregates import (
     from_ns,
     gather,
     latest_row,
+    positions_of,
     running_count,
     to_ns,
     to_utc,
@@ -226,10 +227,8 @@ class FeatureContext:
         self.aggregates = aggregates
         self.n = len(moments)
         self.as_of_ns = to_ns(moments["as_of"])
-        self.posting_index = pd.Index(tables.postings["posting_number"].astype("string"))
-        self.posting_row = self.posting_index.get_indexer(
-            moments["posting_number"].astype("string")
-        ).astype("int64")
+        self.posting_numbers = tables.postings["posting_number"]
+        self.posting_row = positions_of(self.posting_numbers, moments["posting_number"])
         self.ordered_ns = self.posting_ns("ordered_at")
         self._events_by_kind: dict[str, pd.DataFrame] = {}
         self._event_rows_by_kind: dict[str, np.ndarray] = {}
@@ -247,17 +246,23 @@ class FeatureContext:
         """Events of one kind with a known time, with ``at_ns`` added (selected once per kind)."""
         if kind not in self._events_by_kind:
             events = self.tables.events
-            chosen = events[events["kind"].eq(kind).to_numpy(dtype=bool, na_value=False)]
-            chosen = chosen[chosen["at"].notna().to_numpy()]
-            self._events_by_kind[kind] = chosen.assign(at_ns=to_ns(chosen["at"]))
+            chosen = events["kind"].eq(kind).to_numpy(dtype=bool, na_value=False)
+            chosen &= events["at"].notna().to_numpy()
+            positions = np.flatnonzero(chosen)
+            selected = events.take(positions)
+            self._events_by_kind[kind] = selected.assign(at_ns=to_ns(selected["at"]))
+            self._event_rows_by_kind[kind] = self._all_event_posting_rows[positions]
         return self._events_by_kind[kind]
 
     def event_posting_rows(self, kind: str) -> np.ndarray:
         """The posting row of each of :meth:`events_of` ``kind`` (-1 for unknown postings)."""
-        if kind not in self._event_rows_by_kind:
-            numbers = self.events_of(kind)["posting_number"].astype("string")
-            self._event_rows_by_kind[kind] = self.posting_index.get_indexer(numbers).astype("int64")
+        self.events_of(kind)
         return self._event_rows_by_kind[kind]
+
+    @cached_property
+    def _all_event_posting_rows(self) -> np.ndarray:
+        """The posting row of every event (-1: none or unknown), looked up in one pass."""
+        return positions_of(self.posting_numbers, self.tables.events["posting_number"])
 
     @cached_property
     def pushes_collected(self) -> np.ndarray:
@@ -277,7 +282,7 @@ class FeatureContext:
         the order of the input rows, so shuffled tables give identical numbers.
         """
         items = self.tables.items
-        posting_row = self.posting_index.get_indexer(items["posting_number"].astype("string"))
+        posting_row = positions_of(self.posting_numbers, items["posting_number"])
         frame = pd.DataFrame(
             {
                 "posting_row": posting_row.astype("int64"),
@@ -309,7 +314,7 @@ class FeatureContext:
     def moment_lines(self) -> tuple[np.ndarray, np.ndarray]:
         """(moment, item) position pairs: every product line of every moment's posting."""
         counts = np.bincount(
-            self.items["posting_row"].to_numpy(), minlength=len(self.posting_index)
+            self.items["posting_row"].to_numpy(), minlength=len(self.posting_numbers)
         )
         return _expand(self.posting_row, counts)
 
@@ -340,7 +345,7 @@ class FeatureContext:
 
 
 def _promise_at(
-    tables: HistoryTables, posting_index: pd.Index, posting_row: np.ndarray, at_ns: np.ndarray
+    tables: HistoryTables, posting_row: np.ndarray, at_ns: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The promised delivery (begin, end) in force at ``at_ns`` and the changes known by then.
 
@@ -355,7 +360,7 @@ def _promise_at(
     events = tables.events
     changes = events[events["kind"].eq("delivery_date_change").to_numpy(dtype=bool, na_value=False)]
     changes = changes[changes["at"].notna().to_numpy()]
-    row = posting_index.get_indexer(changes["posting_number"].astype("string")).astype("int64")
+    row = positions_of(tables.postings["posting_number"], changes["posting_number"])
     changes, row = changes[row >= 0], row[row >= 0]
     if len(changes) == 0:
         return snapshot_begin, snapshot_end, no_changes
@@ -397,11 +402,8 @@ def build_promise_at(tables: HistoryTables, moments: pd.DataFrame) -> pd.DataFra
     Returns ``promised_delivery_begin_at``, ``promised_delivery_end_at`` and
     ``delivery_date_changes`` (changes known at ``as_of``), indexed like ``moments``.
     """
-    posting_index = pd.Index(tables.postings["posting_number"].astype("string"))
-    posting_row = posting_index.get_indexer(moments["posting_number"].astype("string"))
-    begin, end, changes = _promise_at(
-        tables, posting_index, posting_row.astype("int64"), to_ns(moments["as_of"])
-    )
+    posting_row = positions_of(tables.postings["posting_number"], moments["posting_number"])
+    begin, end, changes = _promise_at(tables, posting_row, to_ns(moments["as_of"]))
     return pd.DataFrame(
         {
             "promised_delivery_begin_at": from_ns(begin).array,
@@ -578,8 +580,8 @@ def build_price_since_purchase(ctx: FeatureContext) -> dict[str, ColumnValues]:
 
 def build_carrier_and_promise(ctx: FeatureContext) -> dict[str, ColumnValues]:
     """Carrier, promised lead time, time left to the deadlines, delivery-date changes known."""
-    _, end_now, changes = _promise_at(ctx.tables, ctx.posting_index, ctx.posting_row, ctx.as_of_ns)
-    _, end_at_order, _ = _promise_at(ctx.tables, ctx.posting_index, ctx.posting_row, ctx.ordered_ns)
+    _, end_now, changes = _promise_at(ctx.tables, ctx.posting_row, ctx.as_of_ns)
+    _, end_at_order, _ = _promise_at(ctx.tables, ctx.posting_row, ctx.ordered_ns)
     pushes = ctx.pushes_collected
     return {
         "carrier": ctx.posting_values("carrier_id").astype("string").array,
@@ -612,8 +614,10 @@ def _delivery_stage(
     posting is at stage 0 since its order. NaN (NaT) while pushes were not being archived.
     """
     events = ctx.events_of("state_change")
-    stage = pd.Series(events["state"].astype("string").to_numpy(dtype=object)).map(DELIVERY_STAGES)
-    stage = stage.to_numpy(dtype="float64", na_value=np.nan)
+    # Each distinct state looked up once (millions of pushes, a few dozen states).
+    codes, states = pd.factorize(events["state"].astype("string"))
+    stage_of = np.array([DELIVERY_STAGES.get(state, np.nan) for state in states] + [np.nan])
+    stage = stage_of[codes]  # a missing state has code -1: the NaN at the end
     row = ctx.event_posting_rows("state_change")
     keep = (row >= 0) & ~np.isnan(stage)
     row, at, stage = row[keep], events["at_ns"].to_numpy()[keep], stage[keep].astype("int64")
@@ -728,7 +732,9 @@ def build_listing(ctx: FeatureContext) -> dict[str, ColumnValues]:
         .reset_index(drop=True)
     )
     pushes = ctx.pushes_collected
-    counts = np.bincount(posting_offers["posting_row"].to_numpy(), minlength=len(ctx.posting_index))
+    counts = np.bincount(
+        posting_offers["posting_row"].to_numpy(), minlength=len(ctx.posting_numbers)
+    )
     moment_idx, offer_idx = _expand(ctx.posting_row, counts)
     if len(edits) == 0 or len(moment_idx) == 0:
         out["card_edits_since_purchase"] = np.where(pushes, 0.0, np.nan)
@@ -779,7 +785,7 @@ def _posting_order_totals(ctx: FeatureContext) -> pd.DataFrame:
             "product_lines": grouped.size().astype("float64"),
         }
     )
-    return totals.reindex(np.arange(len(ctx.posting_index)))
+    return totals.reindex(np.arange(len(ctx.posting_numbers)))
 
 
 def _as_float(values: pd.Series) -> np.ndarray:
@@ -949,7 +955,7 @@ def build_features(
     moments = pd.DataFrame(
         {
             "posting_number": open_postings.to_numpy(),
-            "as_of": pd.Series([as_of] * len(open_postings), dtype="datetime64[ns, UTC]"),
+            "as_of": from_ns(np.full(len(open_postings), as_of.value, dtype="int64")),
         }
     )
     rows = build_feature_rows(tables, moments, aggregates)
