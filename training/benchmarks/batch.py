@@ -44,7 +44,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path("data/bench")
 # The simulator places ~1.078 orders per nominal order a day, ~99 % still open after 3 days.
 ORDERS_PER_OPEN_POSTING = 1.078
-MODEL_SHOP = {"days": 120, "orders_per_day": 150, "seed": 7}
+# The model is trained on the 120 days before the export begins (the simulator's default start,
+# 2026-06-01), as a shop's own model is trained on its past: the rates it learned are then the
+# ones in force when the export's postings are scored, not those of a shop just opened.
+MODEL_SHOP = {"days": 120, "orders_per_day": 150, "seed": 7, "start": "2026-02-01T00:00:00Z"}
 _SAMPLE_SECONDS = 0.005
 
 
@@ -148,7 +151,7 @@ def load_or_train_model(cache_dir: Path) -> Path:
     from training.train import fit_cancel_risk_model
 
     # The feature version is in the name: a model of older features cannot score this code's.
-    name = "model-f{version}-d{days}-o{orders_per_day}-s{seed}".format(
+    name = "model-f{version}-d{days}-o{orders_per_day}-s{seed}-{start:.10}".format(
         version=FEATURE_VERSION, **MODEL_SHOP
     )
     model_dir = cache_dir / name / "model"
