@@ -84,14 +84,14 @@ class FastExplainer:
             texts = {column: [row[column] for row in chosen] for column in FACT_TEXT_COLUMNS}
             return fact_columns(numbers, texts)
 
-        return self.explainer.explain(
+        return self.explainer.explain_columns(
             probabilities,
             handed_over,
             *rank_causes(drops),
             values_of,
             lang,
             needs_reason=self.explainer.model.risk_levels(probabilities) != "low",
-        )
+        ).to_explanations()
 
 
 def _number(value: Any) -> float:

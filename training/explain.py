@@ -755,10 +755,6 @@ class Explainer:
     ) -> np.ndarray:
         return risk_drop_matrix(self.model, matrix, raw, probabilities, self.reference_codes)
 
-    def explain(self, *args: Any, **kwargs: Any) -> list[Explanation]:
-        """:meth:`explain_columns` as one :class:`Explanation` per row."""
-        return self.explain_columns(*args, **kwargs).to_explanations()
-
     def explain_columns(
         self,
         probabilities: np.ndarray,
