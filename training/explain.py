@@ -670,26 +670,10 @@ class ExplanationColumns:
 
 
 def build_explanations(
-    model: RiskModel,
-    features: pd.DataFrame,
-    probabilities: np.ndarray,
-    *,
-    lang: str = "en",
-    playbook: Playbook | None = None,
-    costs: CostsConfig | None = None,
-    with_reasons: np.ndarray | None = None,
+    model: RiskModel, features: pd.DataFrame, probabilities: np.ndarray, **options: Any
 ) -> list[Explanation]:
-    """Reasons (at most three), actions and a decision per row: see
-    :func:`build_explanation_columns`."""
-    return build_explanation_columns(
-        model,
-        features,
-        probabilities,
-        lang=lang,
-        playbook=playbook,
-        costs=costs,
-        with_reasons=with_reasons,
-    ).to_explanations()
+    """:func:`build_explanation_columns` (same options) as one :class:`Explanation` per row."""
+    return build_explanation_columns(model, features, probabilities, **options).to_explanations()
 
 
 def build_explanation_columns(

@@ -219,6 +219,7 @@ def _score_in_chunks(
             progress.advance(table.num_rows)
 
 
+@paused_garbage_collector()
 def build_score_chunk(
     features: pd.DataFrame,
     order_numbers: np.ndarray,
@@ -233,18 +234,6 @@ def build_score_chunk(
     The garbage collector is paused meanwhile: the texts and JSON cells are many small objects
     and no reference cycles, and its rescans of them took a fifth of the time.
     """
-    with paused_garbage_collector():
-        return _build_score_chunk(features, order_numbers, model, as_of, options, tally)
-
-
-def _build_score_chunk(
-    features: pd.DataFrame,
-    order_numbers: np.ndarray,
-    model: ScoringModel,
-    as_of: pd.Timestamp,
-    options: ScoringOptions,
-    tally: ScoreTally,
-) -> pa.Table:
     from training.explain import build_explanation_columns
 
     risk_model = model.risk_model
