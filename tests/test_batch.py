@@ -36,7 +36,13 @@ from training.batch.output import (
 )
 from training.batch.progress import LogProgress, RichProgress, build_progress
 from training.cli import app
-from training.explain import DECISIONS, REASON_CODES, build_explanations, explanation_to_dict
+from training.explain import (
+    DECISIONS,
+    REASON_CODES,
+    build_explanations,
+    explanation_to_dict,
+    load_playbook,
+)
 from training.features import build_features, open_postings_at
 from training.ingest import load_history
 
@@ -320,6 +326,23 @@ def test_a_record_dated_in_the_future_does_not_move_the_run_there(
     scored = runner.invoke(app, [*args, "--as-of", as_of.isoformat()])
     assert scored.exit_code == 0, scored.output
     assert (pd.read_parquet(tmp_path / "s.parquet")["as_of"] == as_of).all()
+
+
+def test_a_playbook_with_a_misspelt_value_stops_the_command_before_anything_is_read(
+    history: Path, model, tmp_path: Path
+) -> None:
+    shipped = Path(load_playbook.__globals__["resources"].files("training") / "playbook.yaml")
+    playbook = tmp_path / "playbook.yaml"
+    playbook.write_text(
+        shipped.read_text(encoding="utf-8").replace("{quiet_days:.0f} days", "{quiet:.0f} days"),
+        encoding="utf-8",
+    )
+    out = tmp_path / "s.parquet"
+    args = ["score", "--history", str(history), "--out", str(out), "--model", model.uri]
+    refused = runner.invoke(app, [*args, "--playbook", str(playbook)])
+    assert refused.exit_code == 2
+    assert "'tracking_quiet' fact 'quiet' (en) quotes {quiet}" in refused.stderr
+    assert not out.exists() and not list(tmp_path.glob("s.*"))
 
 
 # --- atomic output -------------------------------------------------------------------------

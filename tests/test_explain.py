@@ -303,3 +303,24 @@ def test_a_playbook_written_before_no_single_cause_uses_the_shipped_entry(tmp_pa
     older = load_playbook(path)
     assert older.no_single_cause is None
     assert older.entry(NO_SINGLE_CAUSE) == load_playbook().entry(NO_SINGLE_CAUSE)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("{days_late:.0f} days past", "{days_lat:.0f} days past", r"quotes \{days_lat\}"),
+        ("({edits:.0f}×)", "({edits:.0f×)", r"'listing_changed' fact 'edited' \(en\)"),
+        ("region «{region}», pays", "region {region:.1f}, pays", "cannot be filled"),
+    ],
+)
+def test_a_fact_template_that_cannot_be_filled_stops_the_playbook_at_loading(
+    tmp_path, old, new, message
+):
+    text = (load_playbook.__globals__["resources"].files("training") / "playbook.yaml").read_text(
+        encoding="utf-8"
+    )
+    assert old in text
+    path = tmp_path / "playbook.yaml"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_playbook(path)

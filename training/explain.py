@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 if TYPE_CHECKING:
     from training.config import CostsConfig
@@ -107,7 +107,31 @@ class Playbook(_Strict):
             absent = [name for name in fact_names if entry and name not in entry.facts]
             if absent:
                 raise ValueError(f"playbook cause {cause!r} lacks the facts {absent}")
+        self._check_templates()
         return self
+
+    def _check_templates(self) -> None:
+        """Fill every fact template with a sample order's values, so that a misspelt value name
+        or format stops the playbook's loading, not a scoring run an hour later."""
+        sample = {name: column[0] for name, column in _sample_fact_columns().items()}
+        entries = {**self.causes, NO_SINGLE_CAUSE: self.no_single_cause}
+        for cause, entry in entries.items():
+            for fact, texts in entry.facts.items() if entry else ():
+                for lang in LANGUAGES:
+                    template = texts.get(lang)
+                    try:
+                        template.format_map(sample)
+                    except KeyError as exc:
+                        raise ValueError(
+                            f"playbook cause {cause!r} fact {fact!r} ({lang}) quotes "
+                            f"{{{exc.args[0]}}}, which is not a fact value; known: "
+                            f"{', '.join(sample)}"
+                        ) from None
+                    except (ValueError, IndexError, AttributeError, TypeError) as exc:
+                        raise ValueError(
+                            f"playbook cause {cause!r} fact {fact!r} ({lang}): the template "
+                            f"{template!r} cannot be filled ({exc})"
+                        ) from None
 
 
 def load_playbook(path: str | Path | None = None) -> Playbook:
@@ -116,8 +140,18 @@ def load_playbook(path: str | Path | None = None) -> Playbook:
         return _default_playbook()
     try:
         return _parse_playbook(Path(path).read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        problems = "; ".join(_describe_error(error) for error in exc.errors())
+        raise ValueError(f"playbook {path} is not usable: {problems}") from None
     except (yaml.YAMLError, ValueError) as exc:
         raise ValueError(f"playbook {path} is not usable: {exc}") from None
+
+
+def _describe_error(error: Mapping[str, Any]) -> str:
+    """One validation error as the seller reads it: where in the file, and what is wrong."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {message}" if where else message
 
 
 @cache
@@ -487,6 +521,15 @@ def fact_columns(
         name: column.tolist() if isinstance(column, np.ndarray) else column
         for name, column in columns.items()
     }
+
+
+@cache
+def _sample_fact_columns() -> FactColumns:
+    """The fact values of one made-up order: what a template is checked against."""
+    return fact_columns(
+        {column: np.ones(1) for column in FACT_NUMBER_COLUMNS},
+        {column: ["sample"] for column in FACT_TEXT_COLUMNS},
+    )
 
 
 def frame_fact_columns(features: pd.DataFrame) -> FactColumns:
