@@ -15,6 +15,7 @@ from training.explain import (
     NO_SINGLE_CAUSE,
     build_decisions,
     build_explanations,
+    build_reference_values,
     build_risk_drops,
     format_rows,
     load_playbook,
@@ -324,3 +325,25 @@ def test_a_fact_template_that_cannot_be_filled_stops_the_playbook_at_loading(
     path.write_text(text.replace(old, new, 1), encoding="utf-8")
     with pytest.raises(ValueError, match=message):
         load_playbook(path)
+
+
+def test_the_usual_carriers_reference_rate_is_its_rate_at_the_latest_training_moment():
+    moment = pd.Timestamp("2026-05-01", tz="UTC")
+    rows = pd.DataFrame(
+        {
+            "as_of": [moment - 30 * DAY] * 3 + [moment] * 3,
+            "carrier": ["A", "A", "B", "A", "A", "B"],
+            # Early on the usual carrier looked bad: cancellations resolve before deliveries.
+            "carrier_buyer_cancel_rate": [0.9, 0.9, 0.5, 0.12, 0.12, 0.30],
+            "region": ["X"] * 6,
+            "region_buyer_cancel_rate": [0.8, 0.8, 0.8, 0.2, 0.2, 0.2],
+        }
+    ).astype({"carrier": "string", "region": "string"})
+    reference = build_reference_values(rows, ("carrier", "region"))
+    assert reference["carrier"] == "A"
+    assert reference["carrier_buyer_cancel_rate"] == 0.12  # not the median of all rows, 0.4
+    assert reference["region_buyer_cancel_rate"] == 0.2
+    # Without moments to order by, the median over all rows is what is known.
+    assert build_reference_values(rows.drop(columns="as_of"), ("carrier", "region"))[
+        "carrier_buyer_cancel_rate"
+    ] == pytest.approx(0.4)

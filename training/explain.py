@@ -346,7 +346,10 @@ def build_reference_values(
 ) -> dict[str, str | float]:
     """Most frequent level (categorical) or median (numeric) of each reference column.
 
-    Learned in training and stored with the model (``metadata["reference_values"]``).
+    The rate of the usual carrier (region) is that carrier's own rate at the latest training
+    moment: a median over all moments would mix in its first weeks, when cancellations (resolved
+    in days) had come in and deliveries (weeks) had not, and make every carrier look better than
+    the usual one. Learned in training, stored with the model (``metadata["reference_values"]``).
     """
     reference: dict[str, str | float] = {}
     for column in REFERENCE_COLUMNS:
@@ -360,7 +363,29 @@ def build_reference_values(
             reference[column] = str(counts.sort_index().idxmax())
         else:
             reference[column] = float(values.astype("float64").median())
+    for rate, level in REFERENCE_RATES.items():
+        latest = _latest_rate(training_rows, rate, level, reference.get(level))
+        if latest is not None:
+            reference[rate] = latest
     return reference
+
+
+# Rates that belong to a reference level: the usual carrier's and the usual region's record.
+REFERENCE_RATES = {"carrier_buyer_cancel_rate": "carrier", "region_buyer_cancel_rate": "region"}
+
+
+def _latest_rate(training_rows: pd.DataFrame, rate: str, level: str, usual: object) -> float | None:
+    """``rate`` of the rows of level ``usual`` at the latest moment that has it (None: none)."""
+    if usual is None or not {rate, level, "as_of"} <= set(training_rows.columns):
+        return None
+    rows = training_rows[
+        (training_rows[level].astype("string") == usual).to_numpy(dtype=bool, na_value=False)
+    ]
+    rows = rows[rows[rate].notna().to_numpy()]
+    if rows.empty:
+        return None
+    latest = rows[(rows["as_of"] == rows["as_of"].max()).to_numpy()]
+    return float(latest[rate].astype("float64").median())
 
 
 def reference_codes(model: RiskModel) -> dict[str, float]:
