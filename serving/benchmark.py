@@ -39,7 +39,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -618,34 +618,42 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_arguments(parser)
-    parser.add_argument("--sequential", type=int, default=2000)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=1000)
-    parser.add_argument("--batch-calls", type=int, default=5)
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
-    configure_logging(args)
-    report = run(args)
-    write_outputs(args, report, format_markdown(report))
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--sequential", type=int, default=2000)
+        parser.add_argument("--seconds", type=float, default=10.0)
+        parser.add_argument("--repeats", type=int, default=3)
+        parser.add_argument("--batch-size", type=int, default=1000)
+        parser.add_argument("--batch-calls", type=int, default=5)
+
+    run_command(argv, __doc__.splitlines()[0], add_arguments, run, format_markdown)
 
 
 # --- what the benchmark, the soak and the fuzz share on their command lines --------------------
 
 
-def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+def run_command(
+    argv: list[str] | None,
+    description: str,
+    add_arguments: Callable[[argparse.ArgumentParser], None],
+    run_tool: Callable[[argparse.Namespace], dict[str, Any]],
+    format_report: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """One of the load tools from its command line: the model options, the tool's own
+    (``add_arguments``), where to write the report and ``-v``; then the run and its report."""
+    parser = argparse.ArgumentParser(description=description)
+    add_model_arguments(parser)
+    add_arguments(parser)
     parser.add_argument("--out-json", type=Path, help="Also write the figures to this file.")
     parser.add_argument("--out-markdown", type=Path, help="Also write the table to this file.")
     parser.add_argument("-v", "--verbose", action="store_true")
-
-
-def configure_logging(args: argparse.Namespace) -> None:
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    report = run_tool(args)
+    write_outputs(args, report, format_report(report))
+    return report
 
 
 def write_outputs(args: argparse.Namespace, report: dict[str, Any], markdown: str) -> None:

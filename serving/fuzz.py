@@ -44,17 +44,14 @@ from typing import Any
 
 from serving.benchmark import (
     API_KEY,
-    add_model_arguments,
-    add_output_arguments,
     build_service_requests,
-    configure_logging,
     error_log_lines,
     model_and_history,
+    run_command,
     start_service,
     stop_process,
     tool_environment,
     wait_ready,
-    write_outputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -454,19 +451,15 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_arguments(parser)
-    parser.add_argument(
-        "--min-requests", type=int, default=1000, help="Send at least this many requests."
-    )
-    parser.add_argument(
-        "--examples", type=int, default=60, help="Examples per operation and mode in a round."
-    )
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
-    configure_logging(args)
-    report = run(args)
-    write_outputs(args, report, format_markdown(report))
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--min-requests", type=int, default=1000, help="Send at least this many requests."
+        )
+        parser.add_argument(
+            "--examples", type=int, default=60, help="Examples per operation and mode in a round."
+        )
+
+    report = run_command(argv, __doc__.splitlines()[0], add_arguments, run, format_markdown)
     return 0 if report["passed"] else 1
 
 

@@ -49,18 +49,15 @@ from serving.benchmark import (
     API_KEY,
     Connection,
     Target,
-    add_model_arguments,
-    add_output_arguments,
     build_service_requests,
-    configure_logging,
     error_log_lines,
     model_and_history,
     process_tree,
+    run_command,
     start_service,
     stop_process,
     tool_environment,
     wait_ready,
-    write_outputs,
 )
 
 logger = logging.getLogger(__name__)
@@ -380,21 +377,17 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_model_arguments(parser)
-    parser.add_argument("--duration", type=float, default=300.0, help="Measured seconds.")
-    parser.add_argument("--warmup", type=float, default=10.0, help="Unmeasured seconds first.")
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument(
-        "--window", type=float, default=60.0, help="Seconds of the first and last windows."
-    )
-    parser.add_argument("--max-p99-ratio", type=float, default=1.5)
-    parser.add_argument("--max-rss-growth", type=float, default=0.10)
-    add_output_arguments(parser)
-    args = parser.parse_args(argv)
-    configure_logging(args)
-    report = run(args)
-    write_outputs(args, report, format_markdown(report))
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--duration", type=float, default=300.0, help="Measured seconds.")
+        parser.add_argument("--warmup", type=float, default=10.0, help="Unmeasured seconds first.")
+        parser.add_argument("--concurrency", type=int, default=32)
+        parser.add_argument(
+            "--window", type=float, default=60.0, help="Seconds of the first and last windows."
+        )
+        parser.add_argument("--max-p99-ratio", type=float, default=1.5)
+        parser.add_argument("--max-rss-growth", type=float, default=0.10)
+
+    report = run_command(argv, __doc__.splitlines()[0], add_arguments, run, format_markdown)
     return 0 if report["passed"] else 1
 
 
