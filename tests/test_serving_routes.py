@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from hostile import DELETE, with_value
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -225,22 +226,8 @@ def test_a_body_over_the_limit_is_413(
 # --- 422 ---------------------------------------------------------------------------------------
 
 
-def _set(body: dict[str, Any], path: tuple, value: Any) -> dict[str, Any]:
-    changed = copy.deepcopy(body)
-    target = changed
-    for part in path[:-1]:
-        target = target[part]
-    if value is _DELETE:
-        del target[path[-1]]
-    else:
-        target[path[-1]] = value
-    return changed
-
-
-_DELETE = object()
-
 CASES_422 = [
-    (("posting",), _DELETE, ["body", "posting"], "Field required"),
+    (("posting",), DELETE, ["body", "posting"], "Field required"),
     (("posting",), [1, 2], ["body", "posting"], "valid dictionary"),
     (("prices",), {"a": 1}, ["body", "prices"], "valid list"),
     (("price",), [], ["body", "price"], "Extra inputs"),
@@ -250,7 +237,7 @@ CASES_422 = [
     (("as_of",), "2199-01-01T00:00:00Z", ["body", "as_of"], "in the future"),
     (("as_of",), "0001-01-01T00:00:00+01:00", ["body", "as_of"], "between 2000 and 2200"),
     (("as_of",), "9999-12-31T23:59:59-01:00", ["body", "as_of"], "between 2000 and 2200"),
-    (("posting", "posting_number"), _DELETE, ["body", "posting", "posting_number"], "no posting"),
+    (("posting", "posting_number"), DELETE, ["body", "posting", "posting_number"], "no posting"),
     (("posting", "in_process_at"), "31/02/2026", ["body", "posting", "in_process_at"], "not a"),
     (("posting", "products"), [], ["body", "posting", "products"], "no products"),
     (("posting", "products", 0, "price"), "-5", ["body", "posting", "products", 0, "price"],
@@ -287,7 +274,7 @@ CASES_422 = [
 def test_unusable_requests_are_422_with_the_field_path(
     client: TestClient, body: dict[str, Any], path: tuple, value: Any, loc: list, message: str
 ) -> None:
-    response = client.post("/v1/score", json=_set(body, path, value))
+    response = client.post("/v1/score", json=with_value(body, path, value))
     assert response.status_code == 422, response.text
     detail = response.json()["detail"]
     assert detail[0]["loc"] == loc
@@ -353,7 +340,7 @@ def test_too_many_batch_items_is_422(
 def test_any_value_in_any_field_is_scored_or_refused_never_a_500(
     client: TestClient, body: dict[str, Any], field: tuple, value: Any
 ) -> None:
-    response = client.post("/v1/score", json=_set(body, field, value))
+    response = client.post("/v1/score", json=with_value(body, field, value))
     assert response.status_code in (200, 422), response.text
     if response.status_code == 422:
         assert response.json()["detail"][0]["msg"]
@@ -383,7 +370,9 @@ def test_logs_never_show_keys_or_buyer_data(
     caplog.set_level(logging.DEBUG)
     client.post("/v1/score", json=body)
     client.post("/v1/score", json=body, headers={"X-API-Key": "wrong-" + KEY})
-    client.post("/v1/score", json=_set(body, ("posting", "products", 0, "price"), BUYER_PHONE))
+    client.post(
+        "/v1/score", json=with_value(body, ("posting", "products", 0, "price"), BUYER_PHONE)
+    )
     client.post("/v1/score/batch", json={"items": [body, {"posting": BUYER_NAME}]})
     client.post("/v1/model/reload")
     # An unexpected failure whose message quotes the buyer is logged by type and place only.
