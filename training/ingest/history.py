@@ -349,15 +349,9 @@ def find_posting_files(root: Path) -> list[Path]:
 
 
 def load_posting_sources(
-    sources: list[Path],
-    *,
-    csv_cancellations_are_buyer: bool,
-    loads: JsonLinesLoads | None = None,
+    sources: list[Path], *, csv_cancellations_are_buyer: bool
 ) -> tuple[list[PostingBatch], list[str]]:
-    """Parse every posting file, in reading order; also the warnings they raised.
-
-    ``postings.jsonl`` may come from ``loads``, which may be parsing it in the background.
-    """
+    """Parse every posting file, in reading order; also the warnings they raised."""
     batches: list[PostingBatch] = []
     warnings: list[str] = []
     for source in sources:
@@ -369,7 +363,7 @@ def load_posting_sources(
             batches.append(batch)
             warnings += csv_warnings
         elif source.name == POSTINGS_JSONL:
-            batches += load_posting_lines(source, loads)
+            batches += load_posting_lines(source)
         else:
             batches.append(load_posting_reply(source))
     return batches, warnings
