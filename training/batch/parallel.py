@@ -1,7 +1,7 @@
 """Score chunks in worker processes, side by side on the machine's cores.
 
-Explaining a chunk is mostly Python work per posting (the reasons' texts and actions), so one
-process keeps one core busy however many there are. With ``workers`` above one, the chunks of
+Scoring a chunk (its predict, its counterfactuals, the reasons' texts and JSON cells) keeps one
+core busy, however many the machine has. With ``workers`` above one, the chunks of
 :func:`training.batch.scoring.iter_score_chunks` are scored by that many processes running the
 same :func:`~training.batch.scoring.build_score_chunk`:
 
