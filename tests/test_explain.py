@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.config import CostsConfig
+from training.costs import CostsConfig
 from training.explain import (
     CAUSES,
     LANGUAGES,

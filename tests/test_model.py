@@ -17,7 +17,8 @@ from training.calibration import (
     calibrator_from_dict,
     fit_calibrator,
 )
-from training.config import CostsConfig, load_training_config
+from training.config import load_training_config
+from training.costs import CostsConfig
 from training.evaluate import expected_calibration_error
 from training.features import FEATURE_VERSION
 from training.model import (

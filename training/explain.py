@@ -33,7 +33,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 if TYPE_CHECKING:
-    from training.config import CostsConfig
+    from training.costs import CostsConfig
     from training.model import RiskModel
 
 logger = logging.getLogger(__name__)
@@ -677,7 +677,7 @@ def build_decisions(
 
 def model_costs(model: RiskModel) -> CostsConfig:
     """The costs the model's thresholds were chosen with (the defaults for an older model)."""
-    from training.config import CostsConfig
+    from training.costs import CostsConfig
 
     return CostsConfig(**(model.metadata.get("costs") or {}))
 

@@ -32,7 +32,8 @@ from training.calibration import Calibrator, calibrator_from_dict, fit_calibrato
 from training.features import FEATURE_VERSION, build_features
 
 if TYPE_CHECKING:
-    from training.config import CostsConfig, TrainingConfig
+    from training.config import TrainingConfig
+    from training.costs import CostsConfig
     from training.tables import HistoryTables
 
 logger = logging.getLogger(__name__)
