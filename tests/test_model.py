@@ -21,14 +21,13 @@ from training.config import load_training_config
 from training.costs import CostsConfig
 from training.evaluate import expected_calibration_error
 from training.features import FEATURE_VERSION
+from training.fit import TrainingDataError, fit_risk_model
 from training.model import (
     IncompatibleModelError,
     RiskModel,
     RiskThresholds,
-    TrainingDataError,
     assign_risk_levels,
     build_risk_thresholds,
-    fit_risk_model,
 )
 
 if TYPE_CHECKING:

@@ -131,7 +131,8 @@ def train(
 
     from training.config import ConfigError, load_training_config
     from training.errors import HistoryError
-    from training.model import IncompatibleModelError, TrainingDataError
+    from training.fit import TrainingDataError
+    from training.model import IncompatibleModelError
     from training.registry import PromotionError
     from training.train import format_comparison, train_from_history
 

@@ -40,7 +40,7 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
 from training.calibration import Calibrator, fit_calibrator
-from training.model import TrainingDataError, fit_risk_model
+from training.fit import TrainingDataError, fit_risk_model
 
 if TYPE_CHECKING:
     from training.config import EvaluationConfig, TrainingConfig

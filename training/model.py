@@ -28,11 +28,10 @@ import numpy as np
 import pandas as pd
 
 from training.aggregates import HistoryAggregates
-from training.calibration import Calibrator, calibrator_from_dict, fit_calibrator
+from training.calibration import Calibrator, calibrator_from_dict
 from training.features import FEATURE_VERSION, build_features
 
 if TYPE_CHECKING:
-    from training.config import TrainingConfig
     from training.costs import CostsConfig
     from training.tables import HistoryTables
 
@@ -53,10 +52,6 @@ _SMALL_FRAME_ROWS = 64
 
 class IncompatibleModelError(Exception):
     """A saved model that this code cannot score with (other feature version or format)."""
-
-
-class TrainingDataError(Exception):
-    """The training set cannot train a model (an empty split, a single class)."""
 
 
 @dataclass(frozen=True)
@@ -252,82 +247,6 @@ class RiskModel:
         )
 
 
-def fit_risk_model(
-    training_set: pd.DataFrame,
-    config: TrainingConfig,
-    *,
-    feature_columns: Sequence[str],
-    categorical_columns: Sequence[str],
-    feature_version: str,
-    aggregates: HistoryAggregates | None = None,
-    metadata: dict[str, Any] | None = None,
-) -> RiskModel:
-    """Train the booster on ``train``, stop early on ``valid``, calibrate on ``calibration``.
-
-    ``training_set`` has a ``split`` column (train/valid/calibration/test), a 0/1 ``label`` and
-    the feature columns. The category levels are those seen in the train split; the thresholds
-    come from ``config.costs``. The test split is not read.
-    """
-    feature_columns = list(feature_columns)
-    categorical = [c for c in feature_columns if c in set(categorical_columns)]
-    splits = {name: _split(training_set, name) for name in ("train", "valid", "calibration")}
-    category_levels = {name: build_category_levels(splits["train"][name]) for name in categorical}
-    encoder = FeatureEncoder(feature_columns, category_levels)
-    train_set = lgb.Dataset(
-        encoder.build_matrix(splits["train"]),
-        label=splits["train"]["label"].to_numpy(dtype="float64"),
-        feature_name=feature_columns,
-        categorical_feature=categorical,
-        free_raw_data=True,
-    )
-    valid_set = lgb.Dataset(
-        encoder.build_matrix(splits["valid"]),
-        label=splits["valid"]["label"].to_numpy(dtype="float64"),
-        reference=train_set,
-    )
-    lgb_config = config.lightgbm
-    booster = lgb.train(
-        lgb_config.booster_params(),
-        train_set,
-        num_boost_round=lgb_config.num_boost_round,
-        valid_sets=[valid_set],
-        valid_names=["valid"],
-        callbacks=[lgb.early_stopping(lgb_config.early_stopping_rounds, verbose=False)],
-    )
-    best_iteration = booster.best_iteration or booster.current_iteration()
-    # Re-read the trimmed text so a model in memory and the same model loaded score identically.
-    booster = lgb.Booster(model_str=booster.model_to_string(num_iteration=best_iteration))
-    logger.info("booster: %d trees (best iteration on valid)", best_iteration)
-
-    calibration = splits["calibration"]
-    raw = booster.predict(encoder.build_matrix(calibration))
-    try:
-        calibrator = fit_calibrator(
-            config.calibration.method,
-            raw,
-            calibration["label"].to_numpy(),
-            config.calibration.min_probability,
-        )
-    except ValueError as exc:
-        raise TrainingDataError(str(exc)) from None
-    meta = {
-        "best_iteration": int(best_iteration),
-        # The thresholds' inputs: explanations price their decisions with the same costs.
-        "costs": config.costs.model_dump(),
-        **(metadata or {}),
-    }
-    return RiskModel(
-        booster=booster,
-        calibrator=calibrator,
-        thresholds=build_risk_thresholds(config.costs),
-        feature_version=feature_version,
-        feature_columns=tuple(feature_columns),
-        category_levels=category_levels,
-        aggregates=aggregates,
-        metadata=meta,
-    )
-
-
 def build_category_levels(values: pd.Series) -> tuple[str, ...]:
     """The sorted distinct non-missing levels of a categorical column, as strings."""
     levels = values.astype("string").dropna().unique()
@@ -406,18 +325,6 @@ class FeatureEncoder:
 
 def _is_na(value: Any) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and value != value)
-
-
-def _split(training_set: pd.DataFrame, name: str) -> pd.DataFrame:
-    part = training_set[training_set["split"] == name]
-    if len(part) == 0:
-        raise TrainingDataError(f"the {name!r} split of the training set is empty")
-    if part["label"].nunique() < 2:
-        raise TrainingDataError(
-            f"the {name!r} split has a single class ({len(part)} rows): "
-            "it needs both buyer cancellations and deliveries"
-        )
-    return part
 
 
 def _write_json(path: Path, data: Any) -> None:

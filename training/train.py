@@ -50,8 +50,9 @@ from training.features import (
     STATIC_COLUMNS,
     open_postings_at,
 )
+from training.fit import TrainingDataError, fit_risk_model
 from training.ingest import load_history
-from training.model import RiskModel, TrainingDataError, fit_risk_model
+from training.model import RiskModel
 from training.plots import (
     plot_calibration_curve,
     plot_feature_importance,
