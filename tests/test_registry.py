@@ -24,14 +24,15 @@ from mlflow.tracking import MlflowClient
 from serving.benchmark import stop_process
 from training.config import PromotionConfig, load_training_config
 from training.features import FEATURE_VERSION
-from training.model import RiskModel, fit_risk_model
+from training.fit import fit_risk_model
+from training.model import RiskModel
+from training.pyfunc import load_risk_model
 from training.registry import (
     CHALLENGER_ALIAS,
     CHAMPION_ALIAS,
     PromotionError,
     ensure_experiment,
     is_better,
-    load_risk_model,
     log_holdout,
     log_risk_model,
     project_pip_requirements,

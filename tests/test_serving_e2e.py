@@ -116,7 +116,7 @@ def test_train_register_serve_and_score_over_http(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from training.config import load_training_config
-    from training.registry import load_risk_model
+    from training.pyfunc import load_risk_model
     from training.train import train_from_history
 
     tracking_url, tracking_process = mlflow_server

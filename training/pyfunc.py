@@ -77,6 +77,12 @@ class CancelRiskPythonModel(mlflow.pyfunc.PythonModel):
         return score_records(self.risk_model, pd.DataFrame(model_input))
 
 
+def load_risk_model(model_uri: str) -> RiskModel:
+    """The :class:`RiskModel` inside a logged pyfunc (``models:/cancel-risk@champion``, ...)."""
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    return loaded.unwrap_python_model().risk_model
+
+
 def score_records(
     risk_model: RiskModel, records: pd.DataFrame, now: pd.Timestamp | None = None
 ) -> pd.DataFrame:

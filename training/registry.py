@@ -38,7 +38,7 @@ from packaging.requirements import Requirement
 import training
 from training.evaluate import compute_metrics
 from training.model import IncompatibleModelError, RiskModel
-from training.pyfunc import MODEL_CODE, RISK_MODEL_ARTIFACT, build_signature
+from training.pyfunc import MODEL_CODE, RISK_MODEL_ARTIFACT, build_signature, load_risk_model
 
 if TYPE_CHECKING:
     from training.config import EvaluationConfig, PromotionConfig
@@ -156,12 +156,6 @@ def log_risk_model(
             registered_model_name=registered_model_name,
             metadata={"feature_version": str(risk_model.feature_version)},
         )
-
-
-def load_risk_model(model_uri: str) -> RiskModel:
-    """The :class:`RiskModel` inside a logged pyfunc (``models:/cancel-risk@champion``, ...)."""
-    loaded = mlflow.pyfunc.load_model(model_uri)
-    return loaded.unwrap_python_model().risk_model
 
 
 def set_alias(name: str, alias: str, version: str, client: MlflowClient | None = None) -> None:

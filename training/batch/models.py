@@ -102,7 +102,7 @@ def _load_registered(uri: str, match: re.Match[str]) -> ScoringModel:
 def _load_pyfunc(uri: str) -> RiskModel:
     from mlflow.exceptions import MlflowException
 
-    from training.registry import load_risk_model
+    from training.pyfunc import load_risk_model
 
     try:
         return load_risk_model(uri)
