@@ -8,6 +8,7 @@
   there (the ``spark`` extra).
 """
 
+from training.batch.chunk import OUTPUT_COLUMNS, OUTPUT_SCHEMA, ScoringOptions
 from training.batch.job import (
     DEFAULT_MAX_REJECTED_SHARE,
     BatchResult,
@@ -21,12 +22,7 @@ from training.batch.models import (
     load_scoring_model,
 )
 from training.batch.output import OutputError, build_output_paths
-from training.batch.scoring import (
-    OUTPUT_COLUMNS,
-    OUTPUT_SCHEMA,
-    AsOfError,
-    ScoringOptions,
-)
+from training.batch.scoring import AsOfError
 
 __all__ = [
     "DEFAULT_MAX_REJECTED_SHARE",

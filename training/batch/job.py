@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
+from training.batch.chunk import OUTPUT_SCHEMA, ScoreTally, ScoringOptions
 from training.batch.models import ScoringModel, load_scoring_model
 from training.batch.output import (
     OutputPaths,
@@ -30,13 +31,7 @@ from training.batch.output import (
     write_rejects,
 )
 from training.batch.progress import Progress
-from training.batch.scoring import (
-    OUTPUT_SCHEMA,
-    ScoreTally,
-    ScoringOptions,
-    iter_score_chunks,
-    resolve_as_of,
-)
+from training.batch.scoring import iter_score_chunks, resolve_as_of
 from training.tables import HistoryTables
 
 logger = logging.getLogger(__name__)

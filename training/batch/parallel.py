@@ -3,7 +3,7 @@
 Scoring a chunk (its predict, its counterfactuals, the reasons' texts and JSON cells) keeps one
 core busy, however many the machine has. With ``workers`` above one, the chunks of
 :func:`training.batch.scoring.iter_score_chunks` are scored by that many processes running the
-same :func:`~training.batch.scoring.build_score_chunk`:
+same :func:`~training.batch.chunk.build_score_chunk`:
 
 - workers are spawned, not forked: the parent holds LightGBM's OpenMP threads and Arrow's pools,
   which a fork would copy in a state the child cannot use;
@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from training.batch.chunk import ScoreTally, ScoringOptions, build_score_chunk
 from training.batch.models import ScoringModel
-from training.batch.scoring import ScoreTally, ScoringOptions, build_score_chunk
 
 _worker: dict[str, object] = {}
 

@@ -45,6 +45,7 @@ import orjson
 import pandas as pd
 import pyarrow as pa
 
+from training.batch.chunk import OUTPUT_COLUMNS, OUTPUT_SCHEMA, ScoreTally, ScoringOptions
 from training.batch.job import (
     DEFAULT_MAX_REJECTED_SHARE,
     build_posting_counts,
@@ -53,15 +54,7 @@ from training.batch.job import (
 )
 from training.batch.models import ScoringModel, load_scoring_model
 from training.batch.output import recover_staged_directory
-from training.batch.scoring import (
-    OUTPUT_COLUMNS,
-    OUTPUT_SCHEMA,
-    AsOfError,
-    ScoreTally,
-    ScoringOptions,
-    iter_score_chunks,
-    resolve_as_of,
-)
+from training.batch.scoring import AsOfError, iter_score_chunks, resolve_as_of
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
