@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(CLI) score --history $(DEMO_DIR)/history --out $(DEMO_DIR)/scores.parquet
 	$(CLI) show --scores $(DEMO_DIR)/scores.parquet --top 5
 	$(CLI) report --history $(DEMO_DIR)/history --out $(DEMO_DIR)/report.html
-	$(BIN)/python -m serving.examples --history $(DEMO_DIR)/history --out $(DEMO_DIR)/request.json
+	$(BIN)/python -m cancel_risk.examples --history $(DEMO_DIR)/history --out $(DEMO_DIR)/request.json
 	@echo
 	@echo "Cause report: $(DEMO_DIR)/report.html"
 	@echo "Scores:       $(DEMO_DIR)/scores.parquet (summary and rejects beside it)"
@@ -58,16 +58,16 @@ test: lint browser
 # dependency audit. Results: $(RELIABILITY_DIR)/*.json and *.md. `make test` runs short versions.
 reliability: $(STAMP)
 	mkdir -p $(RELIABILITY_DIR)
-	$(BIN)/python -m serving.fuzz --min-requests 1000 \
+	$(BIN)/python -m benchmarks.fuzz --min-requests 1000 \
 	  --out-json $(RELIABILITY_DIR)/fuzz.json --out-markdown $(RELIABILITY_DIR)/fuzz.md
-	$(BIN)/python -m serving.soak --duration 300 --concurrency 32 \
+	$(BIN)/python -m benchmarks.soak --duration 300 --concurrency 32 \
 	  --out-json $(RELIABILITY_DIR)/soak.json --out-markdown $(RELIABILITY_DIR)/soak.md
-	$(BIN)/python -m serving.dependency_audit --out-json $(RELIABILITY_DIR)/pip-audit.json
+	$(BIN)/python -m benchmarks.dependency_audit --out-json $(RELIABILITY_DIR)/pip-audit.json
 
 # pip-audit of the installed packages (needs PyPI); fails only on a known vulnerability.
 audit: $(STAMP)
 	mkdir -p $(RELIABILITY_DIR)
-	$(BIN)/python -m serving.dependency_audit --out-json $(RELIABILITY_DIR)/pip-audit.json
+	$(BIN)/python -m benchmarks.dependency_audit --out-json $(RELIABILITY_DIR)/pip-audit.json
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -1,1 +1,4 @@
-"""The REST scoring service; it imports only the shared contract from ``training``."""
+"""The REST scoring service: only what a deployment runs. It imports ``core`` and nothing else
+of the project."""
+
+import core  # noqa: F401  (first: sets OMP_WAIT_POLICY before the service imports lightgbm)

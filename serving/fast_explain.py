@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from training.explain import (
+from core.explain import (
     FACT_NUMBER_COLUMNS,
     FACT_TEXT_COLUMNS,
     Explainer,
@@ -33,7 +33,7 @@ from training.explain import (
     fact_columns,
     rank_causes,
 )
-from training.model import RiskModel
+from core.model import RiskModel
 
 
 class MatrixEncoder:

@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-import training.ingest.events as ingest_events
-from training.aggregates import POSTING_RATE_GROUPS, HistoryAggregates, to_ns
-from training.features import (
+import core.ingest.events as ingest_events
+from core.aggregates import POSTING_RATE_GROUPS, HistoryAggregates, to_ns
+from core.features import (
     CATEGORICAL_COLUMNS,
     DELIVERY_STAGES,
     FEATURE_COLUMNS,
@@ -45,9 +45,9 @@ from training.features import (
     RUB_PER_UNIT,
     TOLERATED_SILENCE_HOURS,
 )
-from training.ingest.events import DELIVERED_STATES, PUSH_SPECS
-from training.ingest.postings import MAX_QUANTITY
-from training.tables import TERMINAL_STATUSES
+from core.ingest.events import DELIVERED_STATES, PUSH_SPECS
+from core.ingest.postings import MAX_QUANTITY
+from core.tables import TERMINAL_STATUSES
 
 # The feature version this module computes; a model of another version takes the reference path.
 FAST_FEATURE_VERSION = "2"

@@ -36,11 +36,11 @@ from typing import Any, Literal
 
 import pandas as pd
 
+from core.features import FEATURE_VERSION
+from core.model import BOOSTER_FILE, IncompatibleModelError, RiskModel
 from serving.probes import build_probe_jobs
 from serving.scoring import ModelScorer
 from serving.settings import ServiceSettings
-from training.features import FEATURE_VERSION
-from training.model import BOOSTER_FILE, IncompatibleModelError, RiskModel
 
 logger = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
+from core.model import RiskModel
 from serving.scoring import ScoreJob
-from training.model import RiskModel
 
 _HOUR = pd.Timedelta(hours=1)
 

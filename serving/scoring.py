@@ -25,6 +25,11 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 import pandas as pd
 
+from core.aggregates import build_resolutions
+from core.explain import LANGUAGES, Explanation, build_explanations
+from core.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, build_features
+from core.ingest import tables_from_objects
+from core.model import RiskModel
 from serving.fast_explain import FastExplainer, MatrixEncoder
 from serving.fast_path import (
     FastFeatureBuilder,
@@ -43,11 +48,6 @@ from serving.validation import (
     plausibility_errors,
     reject_errors,
 )
-from training.aggregates import build_resolutions
-from training.explain import LANGUAGES, Explanation, build_explanations
-from training.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, build_features
-from training.ingest import tables_from_objects
-from training.model import RiskModel
 
 logger = logging.getLogger(__name__)
 

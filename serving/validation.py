@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from training.tables import TERMINAL_STATUSES
+from core.tables import TERMINAL_STATUSES
 
 Loc = tuple[str | int, ...]
 

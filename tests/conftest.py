@@ -134,7 +134,7 @@ def tracking_uri(
 @pytest.fixture(scope="session")
 def simulated_history(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small simulated shop's history directory, with the simulator's ``truth.csv``."""
-    from training.simulator import SimulationConfig, simulate_shop, write_history
+    from simulator import SimulationConfig, simulate_shop, write_history
 
     out = tmp_path_factory.mktemp("history")
     world = simulate_shop(SimulationConfig(days=50, orders_per_day=30, seed=5), truth=True)
@@ -155,10 +155,10 @@ class TrainedShop:
 @pytest.fixture(scope="session")
 def trained_shop(tmp_path_factory: pytest.TempPathFactory) -> TrainedShop:
     """Big enough for the model to learn every cause the simulator plants (about a minute)."""
+    from core.ingest import load_history
+    from simulator import SimulationConfig, simulate_shop, write_history
     from training.config import load_training_config
     from training.dataset import build_training_set, fit_training_aggregates
-    from training.ingest import load_history
-    from training.simulator import SimulationConfig, simulate_shop, write_history
     from training.train import fit_cancel_risk_model
 
     directory = tmp_path_factory.mktemp("trained-shop")
@@ -187,9 +187,9 @@ def tiny_model_dir(simulated_history: Path, tmp_path_factory: pytest.TempPathFac
 
     Anything that takes a model directory (``--model DIR``) can use it; training takes seconds.
     """
+    from core.ingest import load_history
     from training.config import load_training_config
     from training.dataset import build_training_set, fit_training_aggregates
-    from training.ingest import load_history
     from training.train import fit_cancel_risk_model
 
     tables = load_history(simulated_history)

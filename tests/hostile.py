@@ -103,9 +103,9 @@ def build_base_histories(root: Path) -> BaseHistories:
     The CSV's text is limited to what cp1251 can hold (the simulated shop sells with Chinese
     names), so that the cp1251 case holds exactly the same text as its UTF-8 base.
     """
-    from training.features import open_postings_at
-    from training.ingest import load_history
-    from training.simulator import SimulationConfig, simulate_shop, write_history
+    from core.features import open_postings_at
+    from core.ingest import load_history
+    from simulator import SimulationConfig, simulate_shop, write_history
 
     world = simulate_shop(SimulationConfig(**BASE_SHOP))
     bases = {}

@@ -1,7 +1,7 @@
 """Build small :class:`HistoryTables` by hand, for tests.
 
 Write rows as plain dicts (timestamps as ISO strings or ``pd.Timestamp``; naive means UTC) and
-let :func:`make_tables` give them the canonical columns and dtypes of ``training.tables``
+let :func:`make_tables` give them the canonical columns and dtypes of ``core.tables``
 (missing columns become NA). The row builders fill only what almost every test needs, so a test
 states the facts it is about and nothing else::
 
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from hypothesis import strategies as st
 
-from training.tables import (
+from core.tables import (
     EVENT_COLUMNS,
     ITEM_COLUMNS,
     POSTING_COLUMNS,
@@ -106,7 +106,7 @@ def item_row(posting_number: str, **fields: Any) -> dict:
 
 
 def event_row(kind: str, at: str | pd.Timestamp, **fields: Any) -> dict:
-    """An event of ``kind`` (one of ``training.tables.EVENT_KINDS``) at ``at``."""
+    """An event of ``kind`` (one of ``core.tables.EVENT_KINDS``) at ``at``."""
     return {"kind": kind, "at": utc(at), **fields}
 
 

@@ -19,7 +19,7 @@ from tables_factory import (
     utc,
 )
 
-from training.aggregates import (
+from core.aggregates import (
     BUYER_CANCELLED,
     DELIVERED,
     LOOKUP_COLUMNS,
@@ -29,7 +29,7 @@ from training.aggregates import (
     build_resolutions,
     latest_row,
 )
-from training.tables import HistoryTables
+from core.tables import HistoryTables
 
 
 def keys_at(

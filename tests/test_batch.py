@@ -21,7 +21,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from training.batch import (
+from batch import (
     OUTPUT_COLUMNS,
     ModelSourceError,
     ScoringOptions,
@@ -29,22 +29,22 @@ from training.batch import (
     load_scoring_model,
     run_batch,
 )
-from training.batch.output import (
+from batch.output import (
     ScoreWriter,
     recover_staged_directory,
     remove_stale_temporaries,
 )
-from training.batch.progress import LogProgress, RichProgress, build_progress
-from training.cli import app
-from training.explain import (
+from batch.progress import LogProgress, RichProgress, build_progress
+from cancel_risk.cli import app
+from core.explain import (
     DECISIONS,
     REASON_CODES,
     build_explanations,
     explanation_to_dict,
     load_playbook,
 )
-from training.features import build_features, open_postings_at
-from training.ingest import load_history
+from core.features import build_features, open_postings_at
+from core.ingest import load_history
 
 runner = CliRunner()
 
@@ -331,7 +331,7 @@ def test_a_record_dated_in_the_future_does_not_move_the_run_there(
 def test_a_playbook_with_a_misspelt_value_stops_the_command_before_anything_is_read(
     history: Path, model, tmp_path: Path
 ) -> None:
-    shipped = Path(load_playbook.__globals__["resources"].files("training") / "playbook.yaml")
+    shipped = Path(load_playbook.__globals__["resources"].files("core") / "playbook.yaml")
     playbook = tmp_path / "playbook.yaml"
     playbook.write_text(
         shipped.read_text(encoding="utf-8").replace("{quiet_days:.0f} days", "{quiet:.0f} days"),
@@ -479,8 +479,8 @@ KILLED_RUN = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from training.batch import ScoringOptions, run_batch
-    from training.batch.output import ScoreWriter
+    from batch import ScoringOptions, run_batch
+    from batch.output import ScoreWriter
 
     write = ScoreWriter.write
 
@@ -648,9 +648,9 @@ def test_progress_is_a_bar_on_a_terminal_and_log_lines_otherwise() -> None:
 def test_log_progress_reports_each_stage_with_its_rows(
     history: Path, model, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="training.batch.progress"):
+    with caplog.at_level(logging.INFO, logger="batch.progress"):
         result = run_batch(history, tmp_path / "s.parquet", model=model, progress=LogProgress())
-    messages = [r.getMessage() for r in caplog.records if r.name == "training.batch.progress"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "batch.progress"]
     scored = result.summary["postings"]["scored"]
     assert any(m.startswith("load history done") for m in messages)
     assert any(m.startswith("features done") for m in messages)

@@ -22,7 +22,9 @@ from tables_factory import (
     utc,
 )
 
-from training.aggregates import HistoryAggregates
+from core.aggregates import HistoryAggregates
+from core.features import FEATURE_COLUMNS, build_feature_rows
+from core.tables import HistoryTables
 from training.dataset import (
     SPLITS,
     TRAINING_SET_COLUMNS,
@@ -31,8 +33,6 @@ from training.dataset import (
     build_training_set,
     known_at,
 )
-from training.features import FEATURE_COLUMNS, build_feature_rows
-from training.tables import HistoryTables
 
 SHOP_CONFIG = SnapshotConfig(label_window_days=7, max_moments_per_posting=10)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.costs import CostsConfig
-from training.explain import (
+from core.costs import CostsConfig
+from core.explain import (
     CAUSES,
     LANGUAGES,
     NO_SINGLE_CAUSE,
@@ -20,8 +20,8 @@ from training.explain import (
     format_rows,
     load_playbook,
 )
-from training.features import build_features
-from training.tables import EVENT_COLUMNS, HistoryTables, conform
+from core.features import build_features
+from core.tables import EVENT_COLUMNS, HistoryTables, conform
 
 HOUR = pd.Timedelta(hours=1)
 DAY = pd.Timedelta(days=1)
@@ -227,7 +227,7 @@ def test_decisions_follow_expected_cost():
 
 
 def test_the_playbook_is_editable_data(tmp_path):
-    text = (load_playbook.__globals__["resources"].files("training") / "playbook.yaml").read_text(
+    text = (load_playbook.__globals__["resources"].files("core") / "playbook.yaml").read_text(
         encoding="utf-8"
     )
     edited = text.replace("Ship today", "Ship before 18:00 today")
@@ -295,7 +295,7 @@ def test_fact_templates_are_filled_as_format_map_fills_them():
 
 
 def test_a_playbook_written_before_no_single_cause_uses_the_shipped_entry(tmp_path):
-    text = (load_playbook.__globals__["resources"].files("training") / "playbook.yaml").read_text(
+    text = (load_playbook.__globals__["resources"].files("core") / "playbook.yaml").read_text(
         encoding="utf-8"
     )
     start, end = text.index("no_single_cause:"), text.index("\ndecisions:")
@@ -317,7 +317,7 @@ def test_a_playbook_written_before_no_single_cause_uses_the_shipped_entry(tmp_pa
 def test_a_fact_template_that_cannot_be_filled_stops_the_playbook_at_loading(
     tmp_path, old, new, message
 ):
-    text = (load_playbook.__globals__["resources"].files("training") / "playbook.yaml").read_text(
+    text = (load_playbook.__globals__["resources"].files("core") / "playbook.yaml").read_text(
         encoding="utf-8"
     )
     assert old in text

@@ -18,8 +18,8 @@ from tables_factory import (
     utc,
 )
 
-from training.aggregates import HistoryAggregates
-from training.features import (
+from core.aggregates import HistoryAggregates
+from core.features import (
     CATEGORICAL_COLUMNS,
     DELIVERY_STAGES,
     FEATURE_COLUMNS,
@@ -29,7 +29,7 @@ from training.features import (
     build_features,
     open_postings_at,
 )
-from training.tables import HistoryTables
+from core.tables import HistoryTables
 
 # The future-rewrite property is the one that guards leakage: it gets the most examples.
 LEAKAGE_SETTINGS = settings(

@@ -50,11 +50,11 @@ from hostile import (
 )
 from typer.testing import CliRunner
 
-from serving.benchmark import stop_process
-from serving.examples import load_history_records, open_score_requests
-from training.cli import app
-from training.errors import HistoryError
-from training.ingest import load_history
+from benchmarks.rest import stop_process
+from cancel_risk.cli import app
+from cancel_risk.examples import load_history_records, open_score_requests
+from core.errors import HistoryError
+from core.ingest import load_history
 
 CLI = Path(sys.executable).with_name("cancel-risk")
 KEY = "hostile-scoring-key-0123"
@@ -312,7 +312,7 @@ def huge_history(
 LOAD_AND_MEASURE = """
 import json, re, resource, sys
 from pathlib import Path
-from training.ingest import load_history
+from core.ingest import load_history
 tables = load_history(sys.argv[1])
 status = Path("/proc/self/status").read_text()
 print(json.dumps({

@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from training.errors import HistoryError
-from training.ingest import load_history
-from training.tables import HistoryTables
+from core.errors import HistoryError
+from core.ingest import load_history
+from core.tables import HistoryTables
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ingest"
 

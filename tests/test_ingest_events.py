@@ -8,10 +8,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from training.errors import HistoryError
-from training.ingest import load_history
-from training.ingest.events import build_price_events, build_push_events
-from training.tables import EVENT_COLUMNS, EVENT_KINDS, HistoryTables
+from core.errors import HistoryError
+from core.ingest import load_history
+from core.ingest.events import build_price_events, build_push_events
+from core.tables import EVENT_COLUMNS, EVENT_KINDS, HistoryTables
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ingest"
 

@@ -10,9 +10,9 @@ import orjson
 import pandas as pd
 import pytest
 
-from training.errors import HistoryError
-from training.ingest import load_history
-from training.tables import (
+from core.errors import HistoryError
+from core.ingest import load_history
+from core.tables import (
     EVENT_COLUMNS,
     ITEM_COLUMNS,
     POSTING_COLUMNS,
@@ -124,7 +124,7 @@ def test_files_outside_the_contract_are_ignored(shop: HistoryTables) -> None:
 
 
 def test_missing_optional_files_are_listed_and_logged(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="training.ingest"):
+    with caplog.at_level(logging.WARNING, logger="core.ingest"):
         tables = load_history(FIXTURES / "pages")
     assert tables.report.missing_optional == [
         "pushes.jsonl",

@@ -9,8 +9,8 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.ingest.assemble import build_history_tables
-from training.ingest.jsonlines import (
+from core.ingest.assemble import build_history_tables
+from core.ingest.jsonlines import (
     load_json_lines_batches,
     parse_json_lines_range,
     shift_lines,

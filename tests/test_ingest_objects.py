@@ -12,8 +12,8 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.ingest import load_history, tables_from_objects
-from training.ingest.postings import STATUS_PROGRESS
+from core.ingest import load_history, tables_from_objects
+from core.ingest.postings import STATUS_PROGRESS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ingest"
 

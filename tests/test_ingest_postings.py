@@ -8,9 +8,9 @@ import orjson
 import pandas as pd
 import pytest
 
-from training.ingest import load_history
-from training.ingest.history import build_reply_postings
-from training.tables import HistoryTables
+from core.ingest import load_history
+from core.ingest.history import build_reply_postings
+from core.tables import HistoryTables
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ingest"
 

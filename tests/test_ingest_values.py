@@ -9,7 +9,7 @@ import pandas as pd
 from hypothesis import given
 from hypothesis import strategies as st
 
-from training.ingest.values import (
+from core.ingest.values import (
     build_cabinet_timestamps,
     build_decimals,
     build_integers,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from training.cli import app
-from training.ingest import load_history
+from cancel_risk.cli import app
+from core.ingest import load_history
+from core.tables import EVENT_KINDS
 from training.inspect import REJECTS_SHOWN, format_summary, summarize
-from training.tables import EVENT_KINDS
 
 FIXTURES = Path(__file__).parent / "fixtures" / "ingest"
 

@@ -6,6 +6,7 @@ import pandas as pd
 from hypothesis import HealthCheck, given, settings
 from tables_factory import make_tables, posting_row, random_histories, utc
 
+from core.tables import HistoryTables
 from training.labels import (
     CANCELLED_BY_UNKNOWN,
     CANCELLED_NOT_BY_BUYER,
@@ -18,7 +19,6 @@ from training.labels import (
     build_labels,
     label_exclusion_reasons,
 )
-from training.tables import HistoryTables
 
 ORDERED = "2026-03-01"
 AS_OF = utc("2026-03-03")

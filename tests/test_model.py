@@ -11,24 +11,24 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from training.calibration import (
+from core.calibration import (
     IsotonicCalibrator,
     SigmoidCalibrator,
     calibrator_from_dict,
     fit_calibrator,
 )
-from training.config import load_training_config
-from training.costs import CostsConfig
-from training.evaluate import expected_calibration_error
-from training.features import FEATURE_VERSION
-from training.fit import TrainingDataError, fit_risk_model
-from training.model import (
+from core.costs import CostsConfig
+from core.features import FEATURE_VERSION
+from core.model import (
     IncompatibleModelError,
     RiskModel,
     RiskThresholds,
     assign_risk_levels,
     build_risk_thresholds,
 )
+from training.config import load_training_config
+from training.evaluate import expected_calibration_error
+from training.fit import TrainingDataError, fit_risk_model
 
 if TYPE_CHECKING:
     from conftest import SyntheticSet

@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from serving.benchmark import stop_process
+from benchmarks.rest import stop_process
+from core.features import FEATURE_VERSION
+from core.model import RiskModel
+from core.pyfunc import load_risk_model
 from training.config import PromotionConfig, load_training_config
-from training.features import FEATURE_VERSION
 from training.fit import fit_risk_model
-from training.model import RiskModel
-from training.pyfunc import load_risk_model
 from training.registry import (
     CHALLENGER_ALIAS,
     CHAMPION_ALIAS,
@@ -180,7 +180,7 @@ def test_logged_model_is_built_from_code_and_carries_the_package(
     flavor = mlflow.models.Model.load(model_dir).flavors["python_function"]
     assert "model_code_path" in flavor  # "models from code": no pickled Python object
     assert not list(model_dir.rglob("*.pkl"))
-    assert (model_dir / "code" / "training" / "model.py").is_file()
+    assert (model_dir / "code" / "core" / "model.py").is_file()
     assert not list((model_dir / "code").rglob("__pycache__"))
     requirements = (model_dir / "requirements.txt").read_text().split()
     assert f"lightgbm=={lightgbm.__version__}" in requirements
@@ -194,9 +194,9 @@ def test_logged_model_is_built_from_code_and_carries_the_package(
 @pytest.fixture(scope="module")
 def history_model(simulated_history: Path, fast_training: dict):
     """A model trained on the simulated history, with the history's tables and export moment."""
+    from core.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS
+    from core.ingest import load_history
     from training.dataset import build_training_set, fit_training_aggregates
-    from training.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS
-    from training.ingest import load_history
 
     config = load_training_config(overrides=fast_training)
     tables = load_history(simulated_history)
@@ -215,8 +215,8 @@ def history_model(simulated_history: Path, fast_training: dict):
 
 
 def test_raw_records_score_like_the_tables_in_input_order(history_model) -> None:
-    from training.features import open_postings_at
-    from training.pyfunc import build_input_example, score_records
+    from core.features import open_postings_at
+    from core.pyfunc import build_input_example, score_records
 
     model, tables, as_of = history_model
     numbers = list(open_postings_at(tables, as_of)[:4])
@@ -231,7 +231,7 @@ def test_raw_records_score_like_the_tables_in_input_order(history_model) -> None
 
 
 def test_a_posting_closed_at_its_as_of_gets_no_score(history_model) -> None:
-    from training.pyfunc import build_input_example, score_records
+    from core.pyfunc import build_input_example, score_records
 
     model, tables, _ = history_model
     delivered = tables.postings.loc[tables.postings["delivered_at"].notna()].iloc[0]
@@ -248,7 +248,7 @@ def test_a_posting_closed_at_its_as_of_gets_no_score(history_model) -> None:
 
 
 def test_malformed_records_name_the_row(history_model) -> None:
-    from training.pyfunc import score_records
+    from core.pyfunc import score_records
 
     model, _, _ = history_model
     records = pd.DataFrame({"posting": ['{"posting_number": "1-1-1"}', "{not json"]})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from serving import fuzz, soak
+from benchmarks import fuzz, soak
 
 SOAK_TARGETS = argparse.Namespace(max_p99_ratio=1.5, max_rss_growth=0.10)
 

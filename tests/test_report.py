@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from training.cli import app
-from training.explain import CAUSES
+from cancel_risk.cli import app
+from core.explain import CAUSES
 from training.report import build_cause_analysis, render_report_html, write_report
 
 CHROMIUM = shutil.which("chromium")

@@ -34,21 +34,21 @@ import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from serving import app as service_app
-from serving.app import create_app
-from serving.benchmark import (
+from benchmarks.dependency_audit import run_audit, summarise
+from benchmarks.rest import (
     build_service_requests,
     start_service,
     stop_process,
     tool_environment,
     wait_ready,
 )
-from serving.dependency_audit import run_audit, summarise
+from cancel_risk.cli import app as cli
+from serving import app as service_app
+from serving.app import create_app
 from serving.settings import ServiceSettings
-from training.cli import app as cli
 
 ROOT = Path(__file__).resolve().parent.parent
-CODE_DIRS = ("serving", "training")
+CODE_DIRS = ("core", "simulator", "training", "batch", "serving", "benchmarks", "cancel_risk")
 KEY = "security-scoring-key-5f1e"
 ADMIN = "security-admin-key-9c2d"
 BUYER_NAME = "Анна Секретова"

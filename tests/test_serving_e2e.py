@@ -23,9 +23,9 @@ import mlflow
 import pandas as pd
 import pytest
 
-from serving.benchmark import stop_process
-from serving.examples import latest_moment, load_history_records, open_score_requests
-from training.ingest import tables_from_objects
+from benchmarks.rest import stop_process
+from cancel_risk.examples import latest_moment, load_history_records, open_score_requests
+from core.ingest import tables_from_objects
 
 KEY = "e2e-scoring-key"
 ADMIN = "e2e-admin-key"
@@ -115,8 +115,8 @@ def test_train_register_serve_and_score_over_http(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from core.pyfunc import load_risk_model
     from training.config import load_training_config
-    from training.pyfunc import load_risk_model
     from training.train import train_from_history
 
     tracking_url, tracking_process = mlflow_server

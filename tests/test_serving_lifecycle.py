@@ -24,9 +24,9 @@ import pytest
 from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 
+from cancel_risk.examples import load_history_records, open_score_requests
 from serving import model_store
 from serving.app import create_app
-from serving.examples import load_history_records, open_score_requests
 from serving.settings import ServiceSettings
 from training.registry import log_risk_model
 

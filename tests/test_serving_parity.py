@@ -23,13 +23,17 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving.app import create_app
-from serving.examples import (
+from cancel_risk.examples import (
     HistoryRecords,
     build_score_request,
     load_history_records,
     open_score_requests,
 )
+from core.explain import LANGUAGES, build_explanations
+from core.features import build_feature_rows
+from core.ingest import tables_from_objects
+from core.ingest.values import build_decimals, build_strings, build_utc_timestamps
+from serving.app import create_app
 from serving.fast_explain import FastExplainer, MatrixEncoder
 from serving.fast_path import (
     FastFeatureBuilder,
@@ -42,10 +46,6 @@ from serving.probes import build_probe_jobs
 from serving.scoring import ModelScorer, PreparedPosting, ScoreJob, first_difference
 from serving.settings import ServiceSettings
 from serving.validation import RequestRejected
-from training.explain import LANGUAGES, build_explanations
-from training.features import build_feature_rows
-from training.ingest import tables_from_objects
-from training.ingest.values import build_decimals, build_strings, build_utc_timestamps
 
 KEY = "parity-key"
 HOUR_NS = 3_600_000_000_000

@@ -21,15 +21,15 @@ from hostile import DELETE, with_value
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cancel_risk.examples import load_history_records, open_score_requests
+from core.explain import DECISIONS, LANGUAGES
+from core.features import FEATURE_VERSION
+from core.model import RISK_LEVELS
 from serving import schemas
 from serving.app import create_app
-from serving.examples import load_history_records, open_score_requests
 from serving.scoring import MicroBatcher
 from serving.settings import ServiceSettings, SettingsError
 from serving.validation import reject_error
-from training.explain import DECISIONS, LANGUAGES
-from training.features import FEATURE_VERSION
-from training.model import RISK_LEVELS
 
 KEY = "scoring-key-0123456789"
 ADMIN = "admin-key-9876543210"

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 from typer.testing import CliRunner
 
-from training.cli import app
+from cancel_risk.cli import app
 
 
 def _scores() -> pd.DataFrame:

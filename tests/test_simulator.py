@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training.simulator import SimulationConfig, simulate_shop, write_history
-from training.simulator.shop import true_probabilities
-from training.simulator.world import (
+from simulator import SimulationConfig, simulate_shop, write_history
+from simulator.shop import true_probabilities
+from simulator.world import (
     BUYER_CANCELLED,
     DELIVERED,
     OPEN,

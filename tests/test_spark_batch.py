@@ -11,14 +11,14 @@ from typer.testing import CliRunner
 
 pytest.importorskip("pyspark")
 
-from training.batch import build_output_paths, load_scoring_model, run_batch
-from training.batch.spark import (
+from batch import build_output_paths, load_scoring_model, run_batch
+from batch.spark import (
     REJECTS_DIR,
     SUMMARY_FILE,
     build_spark_session,
     run_spark_batch,
 )
-from training.cli import app
+from cancel_risk.cli import app
 
 GOOD_SHOPS = ("east", "north", "south", "west")
 # Fast start-up on one machine: no UI, the loopback interface, few shuffle partitions.
@@ -46,7 +46,7 @@ def spark():
 @pytest.fixture(scope="module")
 def shops_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Four tiny simulated shops, one whose postings are mostly broken, one with no postings."""
-    from training.simulator import SimulationConfig, simulate_shop, write_history
+    from simulator import SimulationConfig, simulate_shop, write_history
 
     root = tmp_path_factory.mktemp("shops")
     for seed, name in enumerate(GOOD_SHOPS, start=40):
@@ -140,9 +140,9 @@ def test_an_executor_loads_the_shipped_model_once_for_all_its_shops(
 ) -> None:
     import pyspark
 
-    from training.batch import ScoringOptions
-    from training.batch import spark as spark_job
-    from training.model import RiskModel
+    from batch import ScoringOptions
+    from batch import spark as spark_job
+    from core.model import RiskModel
 
     loads = []
     load = RiskModel.load

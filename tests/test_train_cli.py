@@ -13,7 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from training.cli import app
+from cancel_risk.cli import app
 from training.config import ConfigError, TrainingConfig, load_training_config
 from training.dataset import SnapshotConfig
 
@@ -168,7 +168,7 @@ def test_train_registers_promotes_and_the_model_scores_raw_records(
     assert scores["probability"].between(0, 1).all()
     assert set(scores["risk_level"]) <= {"low", "medium", "high"}
 
-    from training.ingest import load_history
+    from core.ingest import load_history
 
     risk_model = loaded.unwrap_python_model().risk_model
     assert risk_model.aggregates is not None

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from training.costs import CostsConfig
+from core.costs import CostsConfig
 from training.dataset import SnapshotConfig
 
 DEFAULT_CONFIG_RESOURCE = "default_config.yaml"

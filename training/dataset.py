@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from training.aggregates import (
+from core.aggregates import (
     DEFAULT_PRIOR_STRENGTH,
     NAT_NS,
     HistoryAggregates,
@@ -33,9 +33,9 @@ from training.aggregates import (
     to_ns,
     to_utc,
 )
-from training.features import FEATURE_COLUMNS, build_feature_rows, build_promise_at
+from core.features import FEATURE_COLUMNS, build_feature_rows, build_promise_at
+from core.tables import HistoryTables
 from training.labels import CENSORED, build_label_frame
-from training.tables import HistoryTables
 
 logger = logging.getLogger(__name__)
 

@@ -39,13 +39,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
-from training.calibration import Calibrator, fit_calibrator
+from core.calibration import Calibrator, fit_calibrator
 from training.fit import TrainingDataError, fit_risk_model
 
 if TYPE_CHECKING:
+    from core.model import RiskModel
+    from core.tables import HistoryTables
     from training.config import EvaluationConfig, TrainingConfig
-    from training.model import RiskModel
-    from training.tables import HistoryTables
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Fitting the risk model: the booster on ``train``, early stopping on ``valid``, the
-calibrator on ``calibration``; the result is a :class:`~training.model.RiskModel`.
+calibrator on ``calibration``; the result is a :class:`~core.model.RiskModel`.
 
-Only training fits; everything that scores loads a fitted model (``training.model``).
+Only training fits; everything that scores loads a fitted model (``core.model``).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import lightgbm as lgb
 import pandas as pd
 
-from training.calibration import fit_calibrator
-from training.model import (
+from core.calibration import fit_calibrator
+from core.model import (
     FeatureEncoder,
     RiskModel,
     build_category_levels,
@@ -22,7 +22,7 @@ from training.model import (
 )
 
 if TYPE_CHECKING:
-    from training.aggregates import HistoryAggregates
+    from core.aggregates import HistoryAggregates
     from training.config import TrainingConfig
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pandas as pd
 
-from training.tables import EVENT_KINDS, TERMINAL_STATUSES, HistoryTables
+from core.tables import EVENT_KINDS, TERMINAL_STATUSES, HistoryTables
 
 # Rejects printed in the text report; the JSON summary always carries all of them.
 REJECTS_SHOWN = 20

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from training.aggregates import (
+from core.aggregates import (
     BUYER_CANCELLED,
     DELIVERED,
     NAT_NS,
@@ -30,7 +30,7 @@ from training.aggregates import (
     gather,
     to_ns,
 )
-from training.tables import HistoryTables
+from core.tables import HistoryTables
 
 # Why a moment has no label, in the order the checks apply.
 UNKNOWN_POSTING = "unknown_posting"

@@ -4,10 +4,10 @@ The tracking store is MLflow's own choice: ``MLFLOW_TRACKING_URI`` when set, oth
 MLflow 3's default, a SQLite database ``mlflow.db`` in the working directory (with artifacts
 under ``./mlruns``), which supports the model registry. Nothing here sets it.
 
-A training run logs one pyfunc model (see :mod:`training.pyfunc`) that MLflow builds from code
-at load time; the project's ``training`` package travels with it as code, and the project's
-runtime dependencies, pinned to the versions that trained it, are its pip requirements, so it
-loads (and ``mlflow models serve`` runs it) in a fresh environment.
+A training run logs one pyfunc model (see :mod:`core.pyfunc`) that MLflow builds from code
+at load time; the project's ``core`` package (everything scoring needs) travels with it as code,
+and the project's runtime dependencies, pinned to the versions that trained it, are its pip
+requirements, so it loads (and ``mlflow models serve`` runs it) in a fresh environment.
 
 Aliases: every trained version becomes ``challenger``; :func:`promote_if_better` moves
 ``champion`` to it only when it beats the current champion on the challenger's own holdout
@@ -35,10 +35,10 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
 
-import training
+import core
+from core.model import IncompatibleModelError, RiskModel
+from core.pyfunc import MODEL_CODE, RISK_MODEL_ARTIFACT, build_signature, load_risk_model
 from training.evaluate import compute_metrics
-from training.model import IncompatibleModelError, RiskModel
-from training.pyfunc import MODEL_CODE, RISK_MODEL_ARTIFACT, build_signature, load_risk_model
 
 if TYPE_CHECKING:
     from training.config import EvaluationConfig, PromotionConfig
@@ -141,10 +141,8 @@ def log_risk_model(
         model_dir = risk_model.save(tmp_path / RISK_MODEL_ARTIFACT)
         code_file = tmp_path / "cancel_risk_model.py"
         code_file.write_text(MODEL_CODE, encoding="utf-8")
-        package_dir = Path(training.__file__).parent
-        code_copy = shutil.copytree(
-            package_dir, tmp_path / "code" / "training", ignore=_CODE_IGNORE
-        )
+        package_dir = Path(core.__file__).parent
+        code_copy = shutil.copytree(package_dir, tmp_path / "code" / "core", ignore=_CODE_IGNORE)
         return mlflow.pyfunc.log_model(
             name=MODEL_ARTIFACT_NAME,
             python_model=str(code_file),

@@ -20,21 +20,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from training.dataset import SnapshotConfig, build_scoring_moments, known_at
-from training.explain import (
+from core.explain import (
     CAUSES,
     build_explanations,
     build_risk_drops,
     load_playbook,
     model_costs,
 )
-from training.features import build_feature_rows, build_features
+from core.features import build_feature_rows, build_features
+from core.tables import HistoryTables
+from training.dataset import SnapshotConfig, build_scoring_moments, known_at
 from training.labels import build_labels
-from training.tables import HistoryTables
 
 if TYPE_CHECKING:
-    from training.explain import Playbook
-    from training.model import RiskModel
+    from core.explain import Playbook
+    from core.model import RiskModel
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,19 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from training.aggregates import HistoryAggregates
+from core.aggregates import HistoryAggregates
+from core.explain import build_reference_values
+from core.features import (
+    CATEGORICAL_COLUMNS,
+    FEATURE_COLUMNS,
+    FEATURE_VERSION,
+    STATIC_COLUMNS,
+    open_postings_at,
+)
+from core.ingest import load_history
+from core.model import RiskModel
+from core.pyfunc import build_input_example
+from core.tables import HistoryTables
 from training.config import TrainingConfig, load_training_config
 from training.dataset import build_training_set, fit_training_aggregates, known_at
 from training.evaluate import (
@@ -42,17 +54,7 @@ from training.evaluate import (
     fit_baselines,
     load_truth,
 )
-from training.explain import build_reference_values
-from training.features import (
-    CATEGORICAL_COLUMNS,
-    FEATURE_COLUMNS,
-    FEATURE_VERSION,
-    STATIC_COLUMNS,
-    open_postings_at,
-)
 from training.fit import TrainingDataError, fit_risk_model
-from training.ingest import load_history
-from training.model import RiskModel
 from training.plots import (
     plot_calibration_curve,
     plot_feature_importance,
@@ -60,7 +62,6 @@ from training.plots import (
     plot_slice_metrics,
     render_png,
 )
-from training.pyfunc import build_input_example
 from training.registry import (
     CHALLENGER_ALIAS,
     PromotionResult,
@@ -73,7 +74,6 @@ from training.registry import (
     promote_if_better,
     set_alias,
 )
-from training.tables import HistoryTables
 
 logger = logging.getLogger(__name__)
 

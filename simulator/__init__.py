@@ -1,0 +1,12 @@
+"""A seeded simulator of an Ozon cross-border seller's shop, with ground truth.
+
+``simulate_shop`` runs the world; ``write_history`` writes it in the data contract's format
+(and, with ``truth=True``, the true cancellation probabilities of the postings open at the
+export moment and their outcomes after it).
+"""
+
+from simulator.export import write_history
+from simulator.shop import SimulatedWorld, simulate_shop
+from simulator.world import Dynamics, SimulationConfig
+
+__all__ = ["Dynamics", "SimulatedWorld", "SimulationConfig", "simulate_shop", "write_history"]
