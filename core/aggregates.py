@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -99,6 +100,12 @@ def encode_keys(table_keys: pd.Series, query_keys: pd.Series) -> tuple[np.ndarra
     return codes[: len(table)], codes[len(table) :]
 
 
+# Below this many table rows plus queries, sorting and binary search in numpy cost less than
+# merge_asof's fixed cost (a few milliseconds); above it merge_asof's linear merge wins (for a
+# million queries it is several times faster). Both give the same positions.
+SMALL_LOOKUP_SIZE = 15_000
+
+
 def latest_row(
     table_keys: np.ndarray,
     table_ns: np.ndarray,
@@ -118,6 +125,9 @@ def latest_row(
     table_ns = np.asarray(table_ns, dtype="int64")
     query_keys = np.asarray(query_keys, dtype="int64")
     query_ns = np.asarray(query_ns, dtype="int64")
+    if len(table_keys) + len(query_keys) <= SMALL_LOOKUP_SIZE:
+        index = PointInTimeIndex(table_keys, table_ns)
+        return index.latest(query_keys, query_ns, strictly_before=strictly_before)
     result = np.full(len(query_ns), -1, dtype="int64")
     usable = np.flatnonzero((table_keys >= 0) & (table_ns != NAT_NS))
     asked = np.flatnonzero((query_keys >= 0) & (query_ns != NAT_NS))
@@ -141,6 +151,54 @@ def latest_row(
     rows = merged["row"].to_numpy(dtype="float64", na_value=np.nan)
     result[left_order] = np.where(np.isnan(rows), -1, rows).astype("int64")
     return result
+
+
+class PointInTimeIndex:
+    """A table of (key code, time) rows sorted once for any number of "latest row at t" queries.
+
+    The rule of :func:`latest_row`. Each row gets one sortable integer, ``key * (T + 1) +
+    rank``, where ``rank`` counts the table's distinct times at or before the row's time; a query
+    (k, t) gets ``k * (T + 1)`` plus the number of distinct times at or before ``t`` (before it,
+    with ``strictly_before``), so the latest qualifying row is the last one not above the query's
+    number, provided it has the query's key. A handful of numpy calls whatever the sizes: what
+    one REST request pays for its few events, and what a model's history aggregates keep ready.
+    """
+
+    def __init__(self, table_keys: np.ndarray, table_ns: np.ndarray) -> None:
+        table_keys = np.asarray(table_keys, dtype="int64")
+        table_ns = np.asarray(table_ns, dtype="int64")
+        usable = np.flatnonzero((table_keys >= 0) & (table_ns != NAT_NS))
+        keys, at = table_keys[usable], table_ns[usable]
+        self.times = np.unique(at)
+        self.stride = len(self.times) + 1
+        number = keys * self.stride + np.searchsorted(self.times, at, side="right")
+        # Stable: among equal (key, time) the row at the highest position comes last and wins.
+        order = np.argsort(number, kind="stable")
+        self.numbers = number[order]
+        self.keys = keys[order]
+        self.rows = usable[order]
+
+    def latest(
+        self, query_keys: np.ndarray, query_ns: np.ndarray, *, strictly_before: bool = False
+    ) -> np.ndarray:
+        """Table positions of the latest row of each query's key at its time; -1 for none."""
+        query_keys = np.asarray(query_keys, dtype="int64")
+        query_ns = np.asarray(query_ns, dtype="int64")
+        if len(self.rows) == 0:
+            return np.full(len(query_keys), -1, dtype="int64")
+        side = "left" if strictly_before else "right"
+        earlier_times = np.searchsorted(self.times, query_ns, side=side)
+        found = np.searchsorted(self.numbers, query_keys * self.stride + earlier_times, "right")
+        found -= 1
+        at = np.maximum(found, 0)
+        qualifies = (
+            (found >= 0)
+            & (self.keys[at] == query_keys)
+            & (earlier_times > 0)
+            & (query_keys >= 0)
+            & (query_ns != NAT_NS)
+        )
+        return np.where(qualifies, self.rows[at], -1)
 
 
 def positions_of(keys: pd.Series | pd.Index, queries: pd.Series | pd.Index) -> np.ndarray:
@@ -290,22 +348,76 @@ def _cumulative_counts(
     return out
 
 
-def _counts_at(
-    counts: pd.DataFrame,
-    query_keys: pd.Series,
-    query_ns: np.ndarray,
-    columns: list[str],
-    *,
-    strictly_before: bool = False,
-) -> dict[str, np.ndarray]:
-    """The cumulative ``columns`` of ``counts`` for each (key, t); 0 where nothing came before."""
-    table_codes, query_codes = encode_keys(counts["key"], query_keys)
-    rows = latest_row(
-        table_codes, to_ns(counts["at"]), query_codes, query_ns, strictly_before=strictly_before
-    )
-    return {
-        name: gather(counts[name].to_numpy(dtype="float64"), rows, fill=0.0) for name in columns
-    }
+# Keys of moments: a column, or a plain list (the few moments of a REST request: None missing).
+Keys = pd.Series | pd.api.extensions.ExtensionArray | np.ndarray | list
+
+
+def _missing(values: Keys) -> np.ndarray:
+    if isinstance(values, list):
+        return np.array([value is None for value in values], dtype=bool)
+    return pd.Series(values, copy=False).isna().to_numpy()
+
+
+class CountsIndex:
+    """A cumulative count table (:func:`_cumulative_counts`) ready for point-in-time lookups.
+
+    Built once per table of a fitted :class:`HistoryAggregates`: the distinct keys as an index
+    (a query key becomes a code by one hash lookup) and a :class:`PointInTimeIndex` of the rows,
+    so a lookup costs the same few numpy calls for one posting of a REST request as per moment of
+    a training set, instead of re-encoding and re-sorting the whole table each time.
+    """
+
+    def __init__(self, counts: pd.DataFrame) -> None:
+        keys = counts["key"]
+        self.keys = pd.Index(pd.unique(keys.dropna()))
+        self.rows = PointInTimeIndex(self.keys.get_indexer(keys), to_ns(counts["at"]))
+        self.columns = {
+            name: counts[name].to_numpy(dtype="float64")
+            for name in counts.columns
+            if name not in ("key", "at")
+        }
+
+    def _integer_codes(self, query: np.ndarray) -> np.ndarray:
+        if self.keys.dtype.kind not in "iu" or len(self.keys) == 0:
+            return self.codes(pd.Series(query))
+        keys = self.keys.to_numpy(dtype="int64")
+        order = np.argsort(keys)
+        at = np.minimum(np.searchsorted(keys[order], query), len(keys) - 1)
+        return np.where(keys[order][at] == query, order[at], -1)
+
+    @cached_property
+    def _code_of(self) -> dict[object, int]:
+        return {key: code for code, key in enumerate(self.keys.tolist())}
+
+    def codes(self, query_keys: Keys) -> np.ndarray:
+        """The code of each query key; -1 for a key the table does not hold or a missing one.
+
+        A list is looked up key by key in a dictionary (for a few keys, cheaper than pandas).
+        """
+        if isinstance(query_keys, list):
+            code_of = self._code_of
+            return np.array([code_of.get(key, -1) for key in query_keys], dtype="int64")
+        if isinstance(query_keys, np.ndarray) and query_keys.dtype.kind in "iu":
+            return self._integer_codes(query_keys)
+        query = pd.Series(query_keys, copy=False)
+        missing = query.isna().to_numpy()
+        if len(self.keys) == 0:
+            return np.full(len(query), -1, dtype="int64")
+        if query.dtype != self.keys.dtype:
+            query = query.astype(self.keys.dtype)
+        return np.where(missing, -1, self.keys.get_indexer(query))
+
+    def at(
+        self,
+        query_keys: Keys,
+        query_ns: np.ndarray,
+        columns: list[str],
+        *,
+        strictly_before: bool = False,
+    ) -> dict[str, np.ndarray]:
+        """The cumulative ``columns`` for each (key, t); 0 where nothing came before."""
+        rows = self.rows.latest(self.codes(query_keys), query_ns, strictly_before=strictly_before)
+        return {name: gather(self.columns[name], rows, fill=0.0) for name in columns}
 
 
 def _smoothed_rate(
@@ -410,67 +522,110 @@ class HistoryAggregates:
         A moment after the fitted ``as_of_`` gets the values at ``as_of_``. Unseen keys get the
         global rate; a missing customer gets missing counts.
         """
-        n = len(keys)
-        # NaT is the smallest int64, so it stays NaT (no match) under the minimum.
-        as_of_ns = np.minimum(to_ns(keys["as_of"]), self.as_of_.value)
-        columns = ["buyer_cancels", "deliveries"]
-        global_counts = _counts_at(
-            self.rate_counts_["global"], pd.Series(np.zeros(n, dtype="int64")), as_of_ns, columns
+        if lines is None or len(lines) == 0:
+            line_row, line_sku, line_weight = np.zeros(0, dtype="int64"), None, np.zeros(0)
+        else:
+            line_row = lines["row"].to_numpy(dtype="int64")
+            line_sku = lines["sku"]
+            line_weight = lines["weight"].to_numpy(dtype="float64", na_value=np.nan)
+        out = self.lookup_columns(
+            carrier_id=keys["carrier_id"],
+            region=keys["region"],
+            customer_id=keys["customer_id"],
+            ordered_ns=to_ns(keys["ordered_at"]),
+            as_of_ns=to_ns(keys["as_of"]),
+            line_row=line_row,
+            line_sku=line_sku,
+            line_weight=line_weight,
         )
+        return pd.DataFrame(out, index=keys.index)[LOOKUP_COLUMNS]
+
+    def lookup_columns(
+        self,
+        *,
+        carrier_id: Keys,
+        region: Keys,
+        customer_id: Keys,
+        ordered_ns: np.ndarray,
+        as_of_ns: np.ndarray,
+        line_row: np.ndarray,
+        line_sku: Keys | None,
+        line_weight: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """:meth:`lookup` on columns: one value per moment of each of :data:`LOOKUP_COLUMNS`.
+
+        The moments' keys and times are given as columns; their product lines as the moment's
+        position (``line_row``), SKU and weight of each line.
+        """
+        n = len(as_of_ns)
+        # NaT is the smallest int64, so it stays NaT (no match) under the minimum.
+        as_of_ns = np.minimum(as_of_ns, self.as_of_.value)
+        columns = ["buyer_cancels", "deliveries"]
+        indexes = self.indexes
+        global_counts = indexes["global"].at(np.zeros(n, dtype="int64"), as_of_ns, columns)
         resolved = global_counts["buyer_cancels"] + global_counts["deliveries"]
         with np.errstate(invalid="ignore", divide="ignore"):
             global_rate = np.where(resolved > 0, global_counts["buyer_cancels"] / resolved, np.nan)
 
         out: dict[str, np.ndarray] = {}
-        for group, column in POSTING_RATE_GROUPS.items():
-            counts = _counts_at(self.rate_counts_[group], keys[column], as_of_ns, columns)
+        for group, column_keys in (("carrier", carrier_id), ("region", region)):
+            counts = indexes[group].at(column_keys, as_of_ns, columns)
             out[f"{group}_buyer_cancel_rate"] = _smoothed_rate(
                 counts["buyer_cancels"],
                 counts["buyer_cancels"] + counts["deliveries"],
                 global_rate,
                 self.prior_strength,
             )
-        out["sku_buyer_cancel_rate"] = self._sku_rate(lines, as_of_ns, global_rate, n)
+        out["sku_buyer_cancel_rate"] = self._sku_rate(
+            line_row, line_sku, line_weight, as_of_ns, global_rate, n
+        )
 
-        customer = keys["customer_id"]
-        has_customer = customer.notna().to_numpy()
-        earlier = _counts_at(
-            self.customer_postings_,
-            customer,
-            to_ns(keys["ordered_at"]),
-            ["postings"],
-            strictly_before=True,
+        has_customer = ~_missing(customer_id)
+        earlier = indexes["customer_postings"].at(
+            customer_id, ordered_ns, ["postings"], strictly_before=True
         )["postings"]
-        cancels = _counts_at(self.customer_buyer_cancels_, customer, as_of_ns, ["buyer_cancels"])[
+        cancels = indexes["customer_buyer_cancels"].at(customer_id, as_of_ns, ["buyer_cancels"])[
             "buyer_cancels"
         ]
         out["buyer_earlier_postings"] = np.where(has_customer, earlier, np.nan)
         out["buyer_earlier_buyer_cancels"] = np.where(has_customer, cancels, np.nan)
-        return pd.DataFrame(out, index=keys.index)[LOOKUP_COLUMNS]
+        return out
+
+    @property
+    def indexes(self) -> dict[str, CountsIndex]:
+        """Every count table as a :class:`CountsIndex`, built at the first lookup and kept."""
+        indexes = self.__dict__.get("_indexes")
+        if indexes is None:
+            tables = dict(self.rate_counts_)
+            tables["customer_postings"] = self.customer_postings_
+            tables["customer_buyer_cancels"] = self.customer_buyer_cancels_
+            indexes = {name: CountsIndex(frame) for name, frame in tables.items()}
+            self._indexes = indexes
+        return indexes
 
     def _sku_rate(
         self,
-        lines: pd.DataFrame | None,
+        line_row: np.ndarray,
+        line_sku: Keys | None,
+        line_weight: np.ndarray,
         as_of_ns: np.ndarray,
         global_rate: np.ndarray,
         n_rows: int,
     ) -> np.ndarray:
         """Value-weighted mean over the moment's lines of each SKU's smoothed rate."""
-        if lines is None or len(lines) == 0:
+        if line_sku is None or len(line_row) == 0:
             return np.full(n_rows, np.nan)
-        rows = lines["row"].to_numpy(dtype="int64")
-        counts = _counts_at(
-            self.rate_counts_["sku"], lines["sku"], as_of_ns[rows], ["buyer_cancels", "deliveries"]
+        counts = self.indexes["sku"].at(
+            line_sku, as_of_ns[line_row], ["buyer_cancels", "deliveries"]
         )
         line_rate = _smoothed_rate(
             counts["buyer_cancels"],
             counts["buyer_cancels"] + counts["deliveries"],
-            global_rate[rows],
+            global_rate[line_row],
             self.prior_strength,
         )
-        line_rate = np.where(lines["sku"].notna().to_numpy(), line_rate, np.nan)
-        weights = lines["weight"].to_numpy(dtype="float64", na_value=np.nan)
-        return weighted_mean_by_row(rows, line_rate, weights, n_rows)
+        line_rate = np.where(_missing(line_sku), np.nan, line_rate)
+        return weighted_mean_by_row(line_row, line_rate, line_weight, n_rows)
 
     def to_frames(self) -> dict[str, pd.DataFrame]:
         """The learned state as plain frames (one parquet file each); see :meth:`from_frames`."""

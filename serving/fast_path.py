@@ -15,15 +15,15 @@ millisecond, under two guarantees:
   equal to 1e-9 on simulated and generated requests, and :class:`FastFeatureBuilder` is checked
   against the reference on probe requests each time a model is loaded.
 
-History aggregates are looked up in per-key sorted arrays built once per model
-(:class:`AggregateIndex`), the same point-in-time rule as ``HistoryAggregates.lookup``.
+History aggregates are looked up by ``HistoryAggregates.lookup_columns``, the code
+``build_features`` runs, on one-row columns.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 import core.ingest.events as ingest_events
-from core.aggregates import POSTING_RATE_GROUPS, HistoryAggregates, to_ns
+from core.aggregates import HistoryAggregates
 from core.features import (
     CATEGORICAL_COLUMNS,
     DELIVERY_STAGES,
@@ -522,115 +522,24 @@ def _segment_sum(values: Sequence[float]) -> float:
     return float(np.add.reduceat(np.asarray(values, dtype="float64"), [0])[0])
 
 
-def _smoothed_rate(cancels: float, resolved: float, prior_rate: float, strength: float) -> float:
-    """``aggregates._smoothed_rate``: (c + m * p) / (n + m)."""
-    return _divide(cancels + strength * prior_rate, resolved + strength)
-
-
 # --- the history aggregates --------------------------------------------------------------------
 
 
-class _KeyedCounts:
-    """A cumulative count table as per-key sorted times and count tuples."""
-
-    def __init__(self, frame: pd.DataFrame, columns: Sequence[str]) -> None:
-        self.width = len(columns)
-        self._zeros = (0.0,) * self.width
-        self._index: dict[Any, tuple[list[int], list[tuple[float, ...]]]] = {}
-        if len(frame) == 0:
-            return
-        keys = frame["key"].tolist()
-        times = to_ns(frame["at"]).tolist()
-        counts = list(
-            zip(*(frame[c].to_numpy(dtype="float64").tolist() for c in columns), strict=True)
-        )
-        # One row per (key, time) in the stored tables; sorted by time within each key here.
-        for i in sorted(range(len(keys)), key=times.__getitem__):
-            key = keys[i]
-            if key is None or key is pd.NA or (isinstance(key, float) and math.isnan(key)):
-                continue
-            entry = self._index.setdefault(_normal_key(key), ([], []))
-            entry[0].append(times[i])
-            entry[1].append(counts[i])
-
-    def at(self, key: Any, moment: int, *, strictly_before: bool = False) -> tuple[float, ...]:
-        """The counts of ``key`` at ``moment`` (zeros when nothing came before)."""
-        if key is None:
-            return self._zeros
-        entry = self._index.get(key)
-        if entry is None:
-            return self._zeros
-        times, counts = entry
-        position = (bisect_left if strictly_before else bisect_right)(times, moment) - 1
-        return counts[position] if position >= 0 else self._zeros
-
-
-def _normal_key(key: Any) -> Any:
-    if isinstance(key, np.integer):
-        return int(key)
-    if isinstance(key, np.str_):
-        return str(key)
-    return key
-
-
-@dataclass(frozen=True)
-class HistoryValues:
-    carrier_buyer_cancel_rate: float
-    region_buyer_cancel_rate: float
-    sku_buyer_cancel_rate: float
-    buyer_earlier_postings: float
-    buyer_earlier_buyer_cancels: float
-
-
-class AggregateIndex:
-    """``HistoryAggregates.lookup`` for one moment, from per-key sorted arrays built once."""
-
-    _RATE_COLUMNS = ("buyer_cancels", "deliveries")
-
-    def __init__(self, aggregates: HistoryAggregates) -> None:
-        self.as_of = int(aggregates.as_of_.value)
-        self.prior_strength = float(aggregates.prior_strength)
-        counts = aggregates.rate_counts_
-        self.rates = {
-            group: _KeyedCounts(counts[group], self._RATE_COLUMNS)
-            for group in (*POSTING_RATE_GROUPS, "sku", "global")
-        }
-        self.customer_postings = _KeyedCounts(aggregates.customer_postings_, ("postings",))
-        self.customer_cancels = _KeyedCounts(aggregates.customer_buyer_cancels_, ("buyer_cancels",))
-
-    def _rate(self, group: str, key: Any, moment: int, prior: float) -> float:
-        cancels, deliveries = self.rates[group].at(key, moment)
-        return _smoothed_rate(cancels, cancels + deliveries, prior, self.prior_strength)
-
-    def lookup(self, parsed: ParsedRequest, as_of: int) -> HistoryValues:
-        moment = min(as_of, self.as_of)
-        cancels, deliveries = self.rates["global"].at(0, moment)
-        resolved = cancels + deliveries
-        prior = cancels / resolved if resolved > 0 else math.nan
-        line_rates = [
-            math.nan if line.sku is None else self._rate("sku", line.sku, moment, prior)
-            for line in parsed.lines
-        ]
-        sku_rate = (
-            _weighted_mean(line_rates, [line.value for line in parsed.lines])
-            if parsed.lines
-            else math.nan
-        )
-        customer = parsed.customer_id
-        if customer is None:
-            earlier = earlier_cancels = math.nan
-        else:
-            earlier = self.customer_postings.at(customer, parsed.ordered_at, strictly_before=True)[
-                0
-            ]
-            earlier_cancels = self.customer_cancels.at(customer, moment)[0]
-        return HistoryValues(
-            carrier_buyer_cancel_rate=self._rate("carrier", parsed.carrier_id, moment, prior),
-            region_buyer_cancel_rate=self._rate("region", parsed.region, moment, prior),
-            sku_buyer_cancel_rate=sku_rate,
-            buyer_earlier_postings=earlier,
-            buyer_earlier_buyer_cancels=earlier_cancels,
-        )
+def lookup_history(aggregates: HistoryAggregates, parsed: ParsedRequest, as_of: int) -> dict:
+    """The posting's history aggregates at ``as_of``: ``HistoryAggregates.lookup_columns``, the
+    code ``build_features`` runs, on one-row columns."""
+    lines = parsed.lines
+    values = aggregates.lookup_columns(
+        carrier_id=[parsed.carrier_id],
+        region=[parsed.region],
+        customer_id=[parsed.customer_id],
+        ordered_ns=np.array([parsed.ordered_at], dtype="int64"),
+        as_of_ns=np.array([as_of], dtype="int64"),
+        line_row=np.zeros(len(lines), dtype="int64"),
+        line_sku=[line.sku for line in lines],
+        line_weight=np.array([line.value for line in lines], dtype="float64"),
+    )
+    return {name: float(column[0]) for name, column in values.items()}
 
 
 # --- the feature families ----------------------------------------------------------------------
@@ -862,7 +771,7 @@ def build_listing(parsed: ParsedRequest, as_of: int, pushes_collected: bool) -> 
     }
 
 
-def build_buyer_and_order(parsed: ParsedRequest, history: HistoryValues) -> dict[str, Any]:
+def build_buyer_and_order(parsed: ParsedRequest, history: Mapping[str, float]) -> dict[str, Any]:
     """``features.build_buyer_and_order`` for one posting."""
     values_rub = [
         line.value * RUB_PER_UNIT.get(line.currency, math.nan) if line.currency else math.nan
@@ -878,8 +787,8 @@ def build_buyer_and_order(parsed: ParsedRequest, history: HistoryValues) -> dict
         "total_quantity": _segment_sum([float(line.quantity) for line in parsed.lines]),
         "product_lines": float(len(parsed.lines)),
         "order_value_rub": _segment_sum(values_rub) if all_known else math.nan,
-        "buyer_earlier_postings": history.buyer_earlier_postings,
-        "buyer_earlier_buyer_cancels": history.buyer_earlier_buyer_cancels,
+        "buyer_earlier_postings": history["buyer_earlier_postings"],
+        "buyer_earlier_buyer_cancels": history["buyer_earlier_buyer_cancels"],
     }
 
 
@@ -892,7 +801,7 @@ class FastFeatureBuilder:
     def __init__(self, aggregates: HistoryAggregates | None) -> None:
         if aggregates is None:
             raise ValueError("the fast path needs the history aggregates learned in training")
-        self.index = AggregateIndex(aggregates)
+        self.aggregates = aggregates
 
     def build_row(self, parsed: ParsedRequest, as_of: int) -> dict[str, Any]:
         """The feature row of ``build_features`` for an open posting, keyed by column."""
@@ -900,16 +809,19 @@ class FastFeatureBuilder:
         first_scan = parsed.first_scan_at
         pushes_collected = first_push is not None and as_of >= first_push
         scans_collected = first_scan is not None and as_of >= first_scan
-        history = self.index.lookup(parsed, as_of)
+        history = lookup_history(self.aggregates, parsed, as_of)
         row: dict[str, Any] = {}
         row.update(build_price_since_purchase(parsed, as_of))
         row.update(build_carrier_and_promise(parsed, as_of, pushes_collected))
         row.update(build_timeline(parsed, as_of, pushes_collected, scans_collected))
         row.update(build_listing(parsed, as_of, pushes_collected))
         row.update(build_buyer_and_order(parsed, history))
-        row["carrier_buyer_cancel_rate"] = history.carrier_buyer_cancel_rate
-        row["sku_buyer_cancel_rate"] = history.sku_buyer_cancel_rate
-        row["region_buyer_cancel_rate"] = history.region_buyer_cancel_rate
+        for column in (
+            "carrier_buyer_cancel_rate",
+            "sku_buyer_cancel_rate",
+            "region_buyer_cancel_rate",
+        ):
+            row[column] = history[column]
         return row
 
 

@@ -23,9 +23,11 @@ from core.aggregates import (
     BUYER_CANCELLED,
     DELIVERED,
     LOOKUP_COLUMNS,
+    NAT_NS,
     OTHER_CANCELLED,
     UNKNOWN_CANCELLED,
     HistoryAggregates,
+    PointInTimeIndex,
     build_resolutions,
     latest_row,
 )
@@ -240,3 +242,51 @@ def test_what_resolves_after_as_of_never_changes_an_aggregate_at_as_of(
     after = fitted_other.lookup(keys.assign(as_of=as_of + 240 * HOUR), lines)
     pd.testing.assert_frame_equal(after, at_fit)
     assert list(expected.columns) == LOOKUP_COLUMNS
+
+
+_SMALL_TIMES = st.one_of(st.integers(-1, 6), st.just(int(NAT_NS)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    table=st.lists(st.tuples(st.integers(-1, 3), _SMALL_TIMES), max_size=30),
+    queries=st.lists(st.tuples(st.integers(-1, 4), _SMALL_TIMES), max_size=10),
+    strictly_before=st.booleans(),
+)
+def test_latest_row_gives_the_same_rows_by_sorting_and_by_merge_asof(
+    table, queries, strictly_before
+) -> None:
+    """Small inputs take the sorted-index algorithm, large ones merge_asof: same positions,
+    ties (equal key and time) won by the highest position, NaT and -1 keys never matching."""
+    import training.aggregates as aggregates
+
+    table_keys = np.array([k for k, _ in table], dtype="int64")
+    table_ns = np.array([t for _, t in table], dtype="int64")
+    query_keys = np.array([k for k, _ in queries], dtype="int64")
+    query_ns = np.array([t for _, t in queries], dtype="int64")
+    by_index = PointInTimeIndex(table_keys, table_ns).latest(
+        query_keys, query_ns, strictly_before=strictly_before
+    )
+    original = aggregates.SMALL_LOOKUP_SIZE
+    aggregates.SMALL_LOOKUP_SIZE = -1
+    try:
+        by_merge = latest_row(
+            table_keys, table_ns, query_keys, query_ns, strictly_before=strictly_before
+        )
+    finally:
+        aggregates.SMALL_LOOKUP_SIZE = original
+    expected = []
+    for key, at in queries:
+        rows = [
+            i
+            for i, (k, t) in enumerate(table)
+            if key >= 0
+            and at != NAT_NS
+            and k == key
+            and t != NAT_NS
+            and (t < at if strictly_before else t <= at)
+        ]
+        best = max(rows, key=lambda i: (table[i][1], i), default=-1)
+        expected.append(best)
+    assert by_index.tolist() == expected
+    assert by_merge.tolist() == expected
