@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from core.ingest.events import with_receipt_times
 from serving.fast_path import NotCanonical, build_closing, parse_request, parse_timestamp
 
 logger = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 # Keys that hold an event's time, in the order the ingestion reads them.
 _TIME_KEYS = ("changed_state_date", "in_process_at", "changed_at", "received_at", "at")
 _FOREVER = 2**62
+DATE_CHANGE_PUSH = "TYPE_DELIVERY_DATE_CHANGED"
 _WEEK = 7 * 86_400 * 1_000_000_000
 
 
@@ -75,7 +77,8 @@ def load_history_records(history_dir: str | Path) -> HistoryRecords:
     """Read ``postings.jsonl``, ``pushes.jsonl``, ``prices.csv`` and ``tracking.csv`` as objects."""
     directory = Path(history_dir)
     records = HistoryRecords(postings=list(_json_lines(directory / "postings.jsonl")))
-    for push in _json_lines(directory / "pushes.jsonl"):
+    # Pushes that the archive dates by their neighbours get that time as their own.
+    for push in with_receipt_times(list(_json_lines(directory / "pushes.jsonl"))):
         if push.get("posting_number"):
             records.pushes_by_posting[str(push["posting_number"])].append(push)
         elif push.get("offer_id"):
@@ -117,12 +120,25 @@ def build_score_request(
 ) -> dict[str, Any]:
     """The ``POST /v1/score`` body for ``posting`` at ``as_of`` (UTC ns).
 
-    ``known_only=False`` keeps the events after ``as_of`` too (the service must ignore them).
+    ``known_only=False`` keeps the events after ``as_of`` too (the service must ignore them);
+    the posting's later delivery-date changes are kept either way (see below).
     """
     horizon = as_of if known_only else _FOREVER
     number = str(posting["posting_number"])
     offers = {str(p.get("offer_id")) for p in posting.get("products") or [] if isinstance(p, dict)}
-    pushes = _known(records.pushes_by_posting.get(number, ()), horizon, latest_per_kind)
+    own_pushes = records.pushes_by_posting.get(number, ())
+    pushes = _known(own_pushes, horizon, latest_per_kind)
+    if known_only:
+        # The posting object is the export's snapshot: its promise already holds the delivery
+        # dates of changes after as_of. Those changes' pushes (the service reads none of them
+        # before their time) tell it the promise in force at as_of, as the archive tells the batch.
+        pushes += [
+            push
+            for push in own_pushes
+            if push.get("message_type") == DATE_CHANGE_PUSH
+            and (at := _event_time(push)) is not None
+            and at > as_of
+        ]
     for offer in sorted(offers):
         pushes += _known(records.edits_by_offer.get(offer, ()), horizon, latest_per_kind)
     prices = [

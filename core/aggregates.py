@@ -25,7 +25,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.tables import TERMINAL_STATUSES, UTC_TS, HistoryTables
+from core.tables import PUSH_KINDS, SCAN_KINDS, TERMINAL_STATUSES, UTC_TS, HistoryTables
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,12 @@ AGGREGATES_VERSION = "1"
 
 # Rates keyed by a posting column; the SKU rate is keyed by the items' ``sku`` instead.
 POSTING_RATE_GROUPS: dict[str, str] = {"carrier": "carrier_id", "region": "region"}
+# The inputs whose absence before their first event means "not collected yet", by the column of
+# the stored aggregates' meta that keeps since when the learned history held them.
+COLLECTED_KINDS: dict[str, tuple[str, ...]] = {
+    "pushes_collected_since": PUSH_KINDS,
+    "scans_collected_since": SCAN_KINDS,
+}
 LOOKUP_COLUMNS = [
     "carrier_buyer_cancel_rate",
     "region_buyer_cancel_rate",
@@ -215,6 +221,24 @@ def positions_of(keys: pd.Series | pd.Index, queries: pd.Series | pd.Index) -> n
 def _arrow_strings(values: pd.Series | pd.Index) -> pa.Array:
     array = pa.array(pd.Series(values, copy=False).astype("string").array)
     return array if isinstance(array, pa.Array) else array.combine_chunks()
+
+
+def first_event_ns(
+    events: pd.DataFrame, kinds: tuple[str, ...], until_ns: int | None = None
+) -> int:
+    """The earliest time of any event of ``kinds`` (at or before ``until_ns``); NaT for none."""
+    chosen = events["kind"].isin(kinds).to_numpy(dtype=bool, na_value=False)
+    at = to_ns(events.loc[chosen, "at"])
+    at = at[at != NAT_NS]
+    if until_ns is not None:
+        at = at[at <= until_ns]
+    return int(at.min()) if len(at) else NAT_NS
+
+
+def earliest_ns(*moments: int) -> int:
+    """The earliest of moments in int64 ns, NaT (unknown) only when all are."""
+    known = [moment for moment in moments if moment != NAT_NS]
+    return min(known) if known else NAT_NS
 
 
 def gather(values: np.ndarray, rows: np.ndarray, fill: float | int = np.nan) -> np.ndarray:
@@ -486,6 +510,10 @@ class HistoryAggregates:
         self.customer_buyer_cancels_ = _cumulative_counts(
             postings["customer_id"], resolved_ns, {"buyer_cancels": buyer_cancel}
         )
+        self.collecting_since_ = {
+            kinds: first_event_ns(tables.events, kinds, as_of_ns)
+            for kinds in COLLECTED_KINDS.values()
+        }
         logger.info(
             "history aggregates at %s: %d buyer cancellations, %d deliveries resolved",
             self.as_of_,
@@ -591,6 +619,10 @@ class HistoryAggregates:
         out["buyer_earlier_buyer_cancels"] = np.where(has_customer, cancels, np.nan)
         return out
 
+    def collecting_since(self, kinds: tuple[str, ...]) -> int:
+        """Since when the learned history holds events of ``kinds`` (NaT: none, or not known)."""
+        return getattr(self, "collecting_since_", {}).get(kinds, NAT_NS)
+
     @property
     def indexes(self) -> dict[str, CountsIndex]:
         """Every count table as a :class:`CountsIndex`, built at the first lookup and kept."""
@@ -637,6 +669,10 @@ class HistoryAggregates:
                 "as_of": pd.Series([self.as_of_]).astype(UTC_TS),
                 "prior_strength": [self.prior_strength],
                 "aggregates_version": pd.array([AGGREGATES_VERSION], dtype="string"),
+                **{
+                    column: from_ns(np.array([self.collecting_since(kinds)])).array
+                    for column, kinds in COLLECTED_KINDS.items()
+                },
             }
         )
         return frames
@@ -659,6 +695,11 @@ class HistoryAggregates:
         }
         self.customer_postings_ = _normalised_counts(frames["customer_postings"])
         self.customer_buyer_cancels_ = _normalised_counts(frames["customer_buyer_cancels"])
+        # Aggregates stored before these columns existed know nothing of collection times.
+        self.collecting_since_ = {
+            kinds: int(to_ns(meta[column])[0]) if column in meta.columns else NAT_NS
+            for column, kinds in COLLECTED_KINDS.items()
+        }
         return self
 
 

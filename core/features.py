@@ -5,7 +5,7 @@ Training, the REST service and the nightly batch all call :func:`build_features`
 ``as_of`` reads only what was known then: events with ``at <= as_of``, closing and handover
 times only through an explicit ``<= as_of`` check, and never the posting's export-time status or
 cancellation fields. Every "latest value at as_of" is one ``pd.merge_asof`` per event kind
-(:func:`training.aggregates.latest_row`); multi-line postings become one number by value-weighted
+(:func:`core.aggregates.latest_row`); multi-line postings become one number by value-weighted
 means. Nothing loops over postings or moments in Python.
 
 A family whose input file is absent yields NaN. "Absent" is judged at ``as_of`` too: until the
@@ -29,7 +29,9 @@ from core.aggregates import (
     HistoryAggregates,
     build_open_mask,
     build_resolutions,
+    earliest_ns,
     encode_keys,
+    first_event_ns,
     from_ns,
     gather,
     latest_row,
@@ -39,7 +41,7 @@ from core.aggregates import (
     to_utc,
     weighted_mean_by_row,
 )
-from core.tables import HistoryTables
+from core.tables import PUSH_KINDS, SCAN_KINDS, HistoryTables
 
 logger = logging.getLogger(__name__)
 
@@ -116,8 +118,6 @@ RUB_PER_UNIT: dict[str, float] = {
     "BYN": 27.0,
 }
 
-# Event kinds that arrive as webhook pushes: any of them shows the seller archives pushes.
-PUSH_KINDS = ("state_change", "cancellation", "delivery_date_change", "card_edit")
 
 # Ozon posting substates (TYPE_STATE_CHANGED ``new_state``) by how far the parcel has got. How
 # long a buyer stays exposed depends on it: a parcel at the pickup point ends within days, one
@@ -196,13 +196,6 @@ def _expand(group_of_moment: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray
     return moment_idx, np.repeat(starts[groups], per_moment) + offset
 
 
-def _first_known_ns(events: pd.DataFrame, kinds: tuple[str, ...]) -> int:
-    """The earliest time of any event of ``kinds``: from then on that input is being collected."""
-    at = events.loc[events["kind"].isin(kinds).to_numpy(dtype=bool, na_value=False), "at"]
-    first = at.min()
-    return NAT_NS if pd.isna(first) else to_utc(first).value
-
-
 def _collected_at(first_ns: int, as_of_ns: np.ndarray) -> np.ndarray:
     """Whether an input first seen at ``first_ns`` was being collected at each ``as_of``."""
     if first_ns == NAT_NS:
@@ -264,15 +257,25 @@ class FeatureContext:
         """The posting row of every event (-1: none or unknown), looked up in one pass."""
         return positions_of(self.posting_numbers, self.tables.events["posting_number"])
 
+    def _collecting_since(self, kinds: tuple[str, ...]) -> int:
+        """Since when the shop archives events of ``kinds``: the earliest such event of these
+        tables or of the history the aggregates learned (a REST request holds one posting's
+        events only, and a posting without scans yet is still one of a shop that collects them).
+        """
+        return earliest_ns(
+            first_event_ns(self.tables.events, kinds),
+            self.aggregates.collecting_since(kinds),
+        )
+
     @cached_property
     def pushes_collected(self) -> np.ndarray:
         """Per moment: pushes were being archived at ``as_of``."""
-        return _collected_at(_first_known_ns(self.tables.events, PUSH_KINDS), self.as_of_ns)
+        return _collected_at(self._collecting_since(PUSH_KINDS), self.as_of_ns)
 
     @cached_property
     def scans_collected(self) -> np.ndarray:
         """Per moment: carrier scans were being collected at ``as_of``."""
-        return _collected_at(_first_known_ns(self.tables.events, ("carrier_scan",)), self.as_of_ns)
+        return _collected_at(self._collecting_since(SCAN_KINDS), self.as_of_ns)
 
     @cached_property
     def items(self) -> pd.DataFrame:

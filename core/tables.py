@@ -83,6 +83,10 @@ EVENT_KINDS = (
     "carrier_scan",  # posting: tracking.csv row (state = status, location)
 )
 
+# Event kinds that arrive as webhook pushes: any of them shows the seller archives pushes.
+PUSH_KINDS = ("state_change", "cancellation", "delivery_date_change", "card_edit")
+SCAN_KINDS = ("carrier_scan",)
+
 EVENT_COLUMNS: dict[str, str] = {
     "at": UTC_TS,
     "kind": "string",

@@ -1,6 +1,6 @@
 """Probabilities and explanations from the model matrix, without a feature DataFrame.
 
-``RiskModel.score_features`` and ``training.explain.build_explanations`` take the feature frame
+``RiskModel.score_features`` and ``core.explain.build_explanations`` take the feature frame
 of ``build_features``; for a few rows their fixed pandas cost (building the frame, encoding it,
 ``to_dict``, a frame of risk drops) is ~3 ms, most of a request. The service already holds each
 row as a dict, so this module runs the same steps on arrays:
@@ -8,7 +8,7 @@ row as a dict, so this module runs the same steps on arrays:
 - :class:`MatrixEncoder` builds the booster's matrix as ``FeatureEncoder.build_matrix`` does
   (numbers as floats, a category as the position of its level, an unseen level as NaN);
 - :class:`FastExplainer` hands the matrix and the rows' fact values to
-  ``training.explain.Explainer``, the code ``build_explanations`` runs: the counterfactuals, the
+  ``core.explain.Explainer``, the code ``build_explanations`` runs: the counterfactuals, the
   ranking, the facts, the decision and the actions.
 
 Nothing here decides anything on its own. The results equal the frame-based functions

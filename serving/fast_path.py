@@ -34,20 +34,19 @@ import numpy as np
 import pandas as pd
 
 import core.ingest.events as ingest_events
-from core.aggregates import HistoryAggregates
+from core.aggregates import NAT_NS, HistoryAggregates, earliest_ns
 from core.features import (
     CATEGORICAL_COLUMNS,
     DELIVERY_STAGES,
     FEATURE_COLUMNS,
     FEATURE_VERSION,
     HANDED_OVER_STAGE,
-    PUSH_KINDS,
     RUB_PER_UNIT,
     TOLERATED_SILENCE_HOURS,
 )
 from core.ingest.events import DELIVERED_STATES, PUSH_SPECS
 from core.ingest.postings import MAX_QUANTITY
-from core.tables import TERMINAL_STATUSES
+from core.tables import PUSH_KINDS, SCAN_KINDS, TERMINAL_STATUSES
 
 # The feature version this module computes; a model of another version takes the reference path.
 FAST_FEATURE_VERSION = "2"
@@ -792,6 +791,10 @@ def build_buyer_and_order(parsed: ParsedRequest, history: Mapping[str, float]) -
     }
 
 
+def _ns_or_nat(moment: int | None) -> int:
+    return NAT_NS if moment is None else moment
+
+
 # --- the builder -------------------------------------------------------------------------------
 
 
@@ -805,8 +808,16 @@ class FastFeatureBuilder:
 
     def build_row(self, parsed: ParsedRequest, as_of: int) -> dict[str, Any]:
         """The feature row of ``build_features`` for an open posting, keyed by column."""
-        first_push = parsed.first_push_at
-        first_scan = parsed.first_scan_at
+        # The shop's own collection start (what the model learned) counts as well as the
+        # request's events: features.FeatureContext._collecting_since.
+        first_push = earliest_ns(
+            _ns_or_nat(parsed.first_push_at), self.aggregates.collecting_since(PUSH_KINDS)
+        )
+        first_scan = earliest_ns(
+            _ns_or_nat(parsed.first_scan_at), self.aggregates.collecting_since(SCAN_KINDS)
+        )
+        first_push = None if first_push == NAT_NS else first_push
+        first_scan = None if first_scan == NAT_NS else first_scan
         pushes_collected = first_push is not None and as_of >= first_push
         scans_collected = first_scan is not None and as_of >= first_scan
         history = lookup_history(self.aggregates, parsed, as_of)

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tables_factory import (
     HOUR,
+    event_row,
     item_row,
     make_tables,
     posting_row,
@@ -21,6 +22,7 @@ from tables_factory import (
 
 from core.aggregates import (
     BUYER_CANCELLED,
+    COLLECTED_KINDS,
     DELIVERED,
     LOOKUP_COLUMNS,
     NAT_NS,
@@ -31,7 +33,7 @@ from core.aggregates import (
     build_resolutions,
     latest_row,
 )
-from core.tables import HistoryTables
+from core.tables import PUSH_KINDS, SCAN_KINDS, HistoryTables
 
 
 def keys_at(
@@ -171,6 +173,39 @@ def test_sku_rate_is_weighted_by_line_value() -> None:
     assert row["sku_buyer_cancel_rate"] == pytest.approx((sku_1 + 3 * sku_2) / 4)
 
 
+def test_aggregates_remember_since_when_the_shop_collects_pushes_and_scans(
+    tmp_path: Path,
+) -> None:
+    """The first push and scan known at the fit's as_of travel with the model (a REST request
+    holds one posting's events and cannot tell a shop that collects scans from one that does
+    not); a later scan is not known at as_of; aggregates stored without them know nothing."""
+    base = shop()
+    tables = make_tables(
+        postings=base.postings.to_dict("records"),
+        items=base.items.to_dict("records"),
+        events=[
+            event_row("carrier_scan", "2026-01-03", posting_number="B1"),
+            event_row("state_change", "2026-01-02T06:00", posting_number="B2", state="x"),
+            event_row("state_change", "2026-01-01T06:00", posting_number="B1", state="x"),
+            event_row("carrier_scan", "2026-01-02", posting_number="D1"),
+            {"kind": "carrier_scan", "at": pd.NaT, "posting_number": "D1"},
+        ],
+    )
+    aggregates = HistoryAggregates.fit(tables, "2026-01-10")
+    assert aggregates.collecting_since(PUSH_KINDS) == utc("2026-01-01T06:00").value
+    assert aggregates.collecting_since(SCAN_KINDS) == utc("2026-01-02").value
+    assert HistoryAggregates.fit(tables, "2026-01-01T12:00").collecting_since(SCAN_KINDS) == NAT_NS
+
+    for name, frame in aggregates.to_frames().items():
+        frame.to_parquet(tmp_path / f"{name}.parquet")
+    frames = {path.stem: pd.read_parquet(path) for path in tmp_path.glob("*.parquet")}
+    restored = HistoryAggregates.from_frames(frames)
+    assert restored.collecting_since(PUSH_KINDS) == aggregates.collecting_since(PUSH_KINDS)
+    assert restored.collecting_since(SCAN_KINDS) == aggregates.collecting_since(SCAN_KINDS)
+    frames["meta"] = frames["meta"].drop(columns=list(COLLECTED_KINDS))
+    assert HistoryAggregates.from_frames(frames).collecting_since(SCAN_KINDS) == NAT_NS
+
+
 def test_frames_round_trip_through_parquet(tmp_path: Path) -> None:
     aggregates = HistoryAggregates.fit(shop(), "2026-01-10", prior_strength=3.0)
     for name, frame in aggregates.to_frames().items():
@@ -258,7 +293,7 @@ def test_latest_row_gives_the_same_rows_by_sorting_and_by_merge_asof(
 ) -> None:
     """Small inputs take the sorted-index algorithm, large ones merge_asof: same positions,
     ties (equal key and time) won by the highest position, NaT and -1 keys never matching."""
-    import training.aggregates as aggregates
+    import core.aggregates as aggregates
 
     table_keys = np.array([k for k, _ in table], dtype="int64")
     table_ns = np.array([t for _, t in table], dtype="int64")

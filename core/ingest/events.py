@@ -198,7 +198,7 @@ def _missing_time(spec: PushSpec, key: str) -> str:
     return f"no {key}"
 
 
-def _next_push_times(records: Sequence[Any]) -> list[Any]:
+def next_push_times(records: Sequence[Any]) -> list[Any]:
     """For each push, the time of the nearest later push that carries a time of its own."""
     result: list[Any] = [None] * len(records)
     upcoming = None
@@ -214,6 +214,28 @@ def _next_push_times(records: Sequence[Any]) -> list[Any]:
     return result
 
 
+def with_receipt_times(records: Sequence[Any]) -> list[Any]:
+    """The pushes, each one that ingestion would date by the next timestamped push given that
+    time as its ``received_at``.
+
+    A REST request carries only some of the archive's pushes, so it cannot date an untimed push
+    by its neighbours in the archive; with the time made explicit, the request and the archive
+    give the push the same time.
+    """
+    next_at = next_push_times(records)
+    dated = list(records)
+    for position, record in enumerate(records):
+        if type(record) is not dict or next_at[position] is None:
+            continue
+        spec = PUSH_SPECS.get(record.get("message_type"))  # type: ignore[arg-type]
+        if spec is None or NEXT_PUSH_AT not in spec.time_keys:
+            continue
+        own_keys = spec.time_keys[: spec.time_keys.index(NEXT_PUSH_AT)]
+        if all(record.get(key) in (None, "") for key in own_keys):
+            dated[position] = {**record, RECEIVED_AT: next_at[position]}
+    return dated
+
+
 def build_push_events(records: Sequence[Any], lines: Sequence[int], file: str) -> PushBatch:
     """Events from decoded push notifications (one JSON object each).
 
@@ -221,7 +243,7 @@ def build_push_events(records: Sequence[Any], lines: Sequence[int], file: str) -
     usable key or time are rejects; other types are counted in ``skipped_types``.
     """
     lines = list(lines)
-    next_push_at = _next_push_times(records)
+    next_push_at = next_push_times(records)
     by_type: dict[str, tuple[list[dict[str, Any]], list[int]]] = {}
     skipped: Counter[str] = Counter()
     failed_updates = 0
