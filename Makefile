@@ -6,8 +6,11 @@ STAMP := $(VENV)/.installed
 DEMO_DIR := data/demo
 CLI := $(BIN)/cancel-risk
 RELIABILITY_DIR := reports/reliability
+MLSERVER_VENV := .venv-mlserver
+MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
+BENCH_DIR := reports/bench
 
-.PHONY: demo test lint format venv browser clean reliability audit
+.PHONY: demo test lint format venv browser clean reliability audit bench-rest
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +67,22 @@ reliability: $(STAMP)
 	  --out-json $(RELIABILITY_DIR)/soak.json --out-markdown $(RELIABILITY_DIR)/soak.md
 	$(BIN)/python -m benchmarks.dependency_audit --out-json $(RELIABILITY_DIR)/pip-audit.json
 
+# MLServer's LightGBM runtime, the REST benchmark's third server, in its own environment (its
+# pins conflict with the project's): the two packages of benchmarks/mlserver-requirements.txt,
+# everything else held by benchmarks/mlserver-constraints.txt.
+$(MLSERVER_STAMP): benchmarks/mlserver-requirements.txt benchmarks/mlserver-constraints.txt
+	$(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/python -m pip install --quiet --upgrade "pip>=24"
+	$(MLSERVER_VENV)/bin/python -m pip install --quiet -c benchmarks/mlserver-constraints.txt \
+	  -r benchmarks/mlserver-requirements.txt
+	touch $(MLSERVER_STAMP)
+
+# The REST benchmark behind the README's "REST service" figures (10 to 15 minutes):
+# `cancel-risk serve`, `mlflow models serve` and MLServer on the same requests and booster.
+bench-rest: $(STAMP) $(MLSERVER_STAMP)
+	$(BIN)/python -m benchmarks.rest --mlserver $(MLSERVER_VENV)/bin/mlserver \
+	  --out-json $(BENCH_DIR)/rest.json --out-markdown $(BENCH_DIR)/rest.md
+
 # pip-audit of the installed packages (needs PyPI); fails only on a known vulnerability.
 audit: $(STAMP)
 	mkdir -p $(RELIABILITY_DIR)
@@ -74,4 +93,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) mlruns mlflow.db .pytest_cache reports
+	rm -rf $(VENV) $(MLSERVER_VENV) $(DEMO_DIR) mlruns mlflow.db .pytest_cache reports
