@@ -1,23 +1,33 @@
-"""Benchmark: the scoring service against ``mlflow models serve`` of the same model's booster.
+"""Benchmark: the scoring service against two servers of the same model's bare booster.
 
-One run, on this machine, loopback only::
+One run, on this machine, loopback only (``make bench-rest`` first builds MLServer's own
+environment, ``.venv-mlserver``, then runs this with it)::
 
-    python -m benchmarks.rest --out-json bench.json --out-markdown bench.md
+    python -m benchmarks.rest --mlserver .venv-mlserver/bin/mlserver \
+        --out-json bench.json --out-markdown bench.md
 
 1. A model: ``--model DIR`` (a saved RiskModel), else a shop is simulated (``--days``,
    ``--orders-per-day``, ``--seed``) and a model is trained on it (``--trees`` rounds).
 2. Requests: postings open at several moments of the history, each with its own events as the
    seller would send them (the latest ``--events-per-kind`` of each kind known at ``as_of``).
-   For MLflow, the same orders' prebuilt feature rows (the booster's matrix, one row each).
-3. Servers, each started here as its own process, one uvicorn worker, on 127.0.0.1:
-   ``cancel-risk serve --model DIR`` (features, probability, reasons, decision) and
-   ``mlflow models serve`` of the booster saved alone with ``mlflow.lightgbm`` (a bare predict).
+   For the bare servers, the same orders' prebuilt feature rows (the booster's matrix, one row
+   each).
+3. Servers, each started here as its own process on free 127.0.0.1 ports, one worker each:
+   ``cancel-risk serve --model DIR`` (features, probability, reasons, decision);
+   ``mlflow models serve`` of the booster saved alone with ``mlflow.lightgbm``; and MLServer's
+   LightGBM runtime (``mlserver start``, ``parallel_workers`` 0: inference in the server's own
+   process) on the booster saved as text (``--mlserver PATH``; ``--no-mlserver`` leaves it out).
+   The two bare servers run with ``OMP_NUM_THREADS=1``; the service sets its own threads. Each
+   must answer its readiness route from the process started here (not a stale one on the port)
+   and give ``booster.predict``'s answers on rows with missing values before it is measured.
 4. Load from this process (not the servers): a minimal asyncio HTTP/1.1 client with keep-alive
    connections. Sequential latency (p50/p95/p99 over ``--sequential`` requests), throughput at
-   concurrency 8 and 32 (``--seconds`` each), ``--repeats`` times alternating between the two
-   servers, medians reported; then ``--batch-calls`` calls of ``POST /v1/score/batch`` with
-   ``--batch-size`` postings. Peak memory is the serving process's peak resident set (``VmHWM``,
-   the largest process of its tree; the tree's total is in the JSON).
+   concurrency 8 and 32 (``--seconds`` each), ``--repeats`` times alternating between the
+   servers, medians reported, with the service's figures over each peer's; then
+   ``--batch-calls`` calls of ``POST /v1/score/batch`` with ``--batch-size`` postings. Peak
+   memory is the serving process's peak resident set (``VmHWM``, the largest process of its
+   tree; the tree's total is in the JSON). The targets (sequential p99 <= 2 ms, req/s at c=8 >=
+   MLServer's, the batch call <= 0.15 s) are reported met or missed.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -196,6 +207,48 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all probed at once, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+
+
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes listening on ``port`` (any address), from /proc/net/tcp and tcp6."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    inodes.add(inode)
+    return inodes
+
+
+def check_listener(port: int, process: subprocess.Popen) -> None:
+    """Fail unless ``port`` is held by ``process`` or one of its children.
+
+    A stale server left on the same port would otherwise answer the readiness probe and be
+    measured in place of the one started here.
+    """
+    inodes = _listening_inodes(port)
+    for member in process_tree(process.pid):
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{member}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:[") and target[8:-1] in inodes:
+                        return
+    raise RuntimeError(
+        f"127.0.0.1:{port} is not served by the process started here (pid {process.pid}): "
+        "another server holds the port"
+    )
+
+
 def wait_ready(url: str, process: subprocess.Popen, log: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
@@ -251,14 +304,18 @@ def error_log_lines(log: Path) -> list[str]:
     return [line for line in lines if "ERROR" in line or "Traceback" in line]
 
 
-def spawn(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+def spawn(
+    command: list[str], log: Path, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.Popen:
+    """``command`` itself (no shell, so the pid is the server's own) in its own session, its
+    output in ``log``, run from ``cwd`` (the log's directory unless given)."""
     with log.open("wb") as output:
         return subprocess.Popen(  # noqa: S603 (our own commands, no shell)
             command,
             stdout=output,
             stderr=subprocess.STDOUT,
             env=env,
-            cwd=log.parent,
+            cwd=cwd or log.parent,
             start_new_session=True,
         )
 
@@ -274,6 +331,8 @@ class Workload:
     feature_rows: list[list[float]]
     feature_columns: list[str]
     trees: int
+    booster: Any = None
+    expected: list[float] = field(default_factory=list)
 
 
 def train_model(work: Path, args: argparse.Namespace, env: dict[str, str]) -> Path:
@@ -381,6 +440,89 @@ def start_service(
     return spawn(command, log, service_env), port, log
 
 
+# --- MLServer (its LightGBM runtime, in its own environment) -----------------------------------
+
+MLSERVER_MODEL = "lgbm"
+DEFAULT_MLSERVER = Path(".venv-mlserver/bin/mlserver")
+# The bare-predict servers call LightGBM with its default threads, which on a shared machine
+# spin against the load generator (MLServer's p50 2 ms becomes 8 ms on two cores); one
+# thread each. `cancel-risk serve` sets its own: one thread for a matrix of up to 512 rows.
+BARE_PREDICT_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def find_mlserver(path: Path) -> Path:
+    """The ``mlserver`` command at ``path``, absolute; exits at once naming the fix if absent."""
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise SystemExit(
+            f"MLServer not found at {path}: `make bench-rest` creates .venv-mlserver from "
+            "benchmarks/mlserver-requirements.txt and runs this benchmark with it; or pass "
+            "--mlserver PATH, or --no-mlserver to leave MLServer out of the run"
+        )
+    return path.absolute()
+
+
+def mlserver_body(row: Sequence[float]) -> bytes:
+    """The V2 inference request of one feature row, a missing value (NaN) sent as ``null``.
+
+    MLServer parses bodies with orjson, which refuses the NaN literal MLflow's bodies carry;
+    its NumPy codec turns ``null`` back into NaN (``np.array(data, "float64")``), so the
+    booster gets exactly the row MLflow's server gets.
+    """
+    data = [None if math.isnan(value) else float(value) for value in row]
+    request = {
+        "inputs": [{"name": "input-0", "shape": [1, len(data)], "datatype": "FP64", "data": data}]
+    }
+    return json.dumps(request, allow_nan=False).encode()
+
+
+def mlserver_prediction(body: bytes) -> float:
+    """The probability of a V2 inference response for one row."""
+    return float(json.loads(body)["outputs"][0]["data"][0])
+
+
+def write_mlserver_models(models_dir: Path, booster: Any, ports: Sequence[int]) -> Path:
+    """MLServer's repository for ``booster``: ``settings.json`` (loopback, the HTTP, gRPC and
+    metrics ports given, inference in the server's own process: ``parallel_workers`` 0) and
+    ``lgbm/model-settings.json`` with the booster saved beside it as text."""
+    http_port, grpc_port, metrics_port = ports
+    model_dir = models_dir / MLSERVER_MODEL
+    model_dir.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "debug": False,
+        "host": "127.0.0.1",
+        "http_port": http_port,
+        "grpc_port": grpc_port,
+        "parallel_workers": 0,
+        "metrics_endpoint": None,
+        "metrics_port": metrics_port,
+        "load_models_at_startup": True,
+    }
+    model_settings = {
+        "name": MLSERVER_MODEL,
+        "implementation": "mlserver_lightgbm.LightGBMModel",
+        "parameters": {"uri": "./model.txt", "version": "v1"},
+    }
+    booster.save_model(str(model_dir / "model.txt"))
+    (models_dir / "settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+    (model_dir / "model-settings.json").write_text(
+        json.dumps(model_settings, indent=2), encoding="utf-8"
+    )
+    return models_dir
+
+
+def mlserver_environment(binary: Path) -> dict[str, str]:
+    """This environment for MLServer's own: its bin directory first on PATH, none of this
+    interpreter's variables, one LightGBM thread."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = f"{binary.parent}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, **BARE_PREDICT_ENV}
+
+
+def start_mlserver(binary: Path, models_dir: Path, log: Path) -> subprocess.Popen:
+    """``mlserver start .`` from the repository's directory, its own process (no shell)."""
+    return spawn([str(binary), "start", "."], log, mlserver_environment(binary), cwd=models_dir)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that choose (or simulate and train) the model and the requests' history."""
     parser.add_argument("--model", type=Path, help="A saved RiskModel directory (else trained).")
@@ -420,7 +562,8 @@ def prepare(args: argparse.Namespace, work: Path, env: dict[str, str]) -> Worklo
     if booster_dir.exists():
         shutil.rmtree(booster_dir)
     mlflow.lightgbm.save_model(model.booster, str(booster_dir))
-    # Missing values travel as NaN literals, which MLflow's JSON reader accepts (null is refused).
+    # Missing values travel to MLflow as NaN literals, which its JSON reader accepts (null is
+    # refused); to MLServer as null (see mlserver_body).
     feature_rows = [[float(v) for v in row] for row in matrix]
     return Workload(
         model_dir=Path(model_dir),
@@ -429,6 +572,8 @@ def prepare(args: argparse.Namespace, work: Path, env: dict[str, str]) -> Worklo
         feature_rows=feature_rows,
         feature_columns=list(model.feature_columns),
         trees=model.booster.num_trees(),
+        booster=model.booster,
+        expected=[float(p) for p in model.booster.predict(matrix, num_threads=1)],
     )
 
 
@@ -487,54 +632,210 @@ def tool_environment() -> dict[str, str]:
     return env
 
 
+@dataclass
+class Server:
+    """A server started by the benchmark: what it is, how to reach it, and its process."""
+
+    key: str
+    target: Target
+    process: subprocess.Popen
+    ready_path: str
+    log: Path
+    threads: str
+    parse: Callable[[bytes], float] | None = None
+
+
+async def _check_answers(
+    server: Server, indices: Sequence[int], expected: Sequence[float]
+) -> float:
+    """The largest difference between the server's answers for these rows and the booster's."""
+    assert server.parse is not None
+    connection = Connection(server.target)
+    await connection.open()
+    worst = 0.0
+    try:
+        for i in indices:
+            status, body = await connection.send(server.target.request(server.target.bodies[i]))
+            if status != 200:
+                raise RuntimeError(f"{server.target.name}: {status} for row {i}: {body[:300]!r}")
+            worst = max(worst, abs(server.parse(body) - expected[i]))
+    finally:
+        await connection.close()
+    if worst > 1e-9:
+        raise RuntimeError(f"{server.target.name} differs from booster.predict by {worst:.3g}")
+    return worst
+
+
+def answer_check_rows(rows: Sequence[Sequence[float]], count: int = 20) -> list[int]:
+    """Rows to check the bare servers on: up to ``count`` with a missing value, then 5 more."""
+    missing = [i for i, row in enumerate(rows) if any(math.isnan(v) for v in row)]
+    complete = [i for i, row in enumerate(rows) if not any(math.isnan(v) for v in row)]
+    return missing[:count] + complete[:5]
+
+
+def _thread_note(env: dict[str, str], own: str) -> str:
+    value = env.get("OMP_NUM_THREADS")
+    return own if value is None else f"{own}; OMP_NUM_THREADS={value}"
+
+
+def start_servers(
+    workload: Workload, work: Path, env: dict[str, str], mlserver: Path | None
+) -> list[Server]:
+    """The servers, each in its own process on free loopback ports; stopped by the caller."""
+    servers: list[Server] = []
+    service, service_port, service_log = start_service(workload.model_dir, work, env)
+    servers.append(
+        Server(
+            "service",
+            Target(
+                "cancel-risk serve",
+                "127.0.0.1",
+                service_port,
+                "/v1/score",
+                [json.dumps(r, ensure_ascii=False).encode() for r in workload.requests],
+                {"X-API-Key": API_KEY},
+            ),
+            service,
+            "/readyz",
+            service_log,
+            _thread_note(env, "its own: LightGBM num_threads=1 up to 512 rows, else all cores"),
+        )
+    )
+    mlflow_port = free_port()
+    mlflow_command = [
+        sys.executable,
+        *("-m", "mlflow", "models", "serve", "-m", str(workload.booster_dir)),
+        *("--env-manager", "local", "-h", "127.0.0.1", "-p", str(mlflow_port), "-w", "1"),
+    ]
+    mlflow_bodies = [
+        json.dumps(
+            {"dataframe_split": {"columns": workload.feature_columns, "data": [row]}}
+        ).encode()
+        for row in workload.feature_rows
+    ]
+    mlflow_env = {**env, **BARE_PREDICT_ENV}
+    mlflow_log = work / "mlflow.log"
+    servers.append(
+        Server(
+            "mlflow",
+            Target("mlflow models serve", "127.0.0.1", mlflow_port, "/invocations", mlflow_bodies),
+            spawn(mlflow_command, mlflow_log, mlflow_env),
+            "/ping",
+            mlflow_log,
+            "OMP_NUM_THREADS=1",
+            lambda body: float(json.loads(body)["predictions"][0]),
+        )
+    )
+    if mlserver is not None:
+        ports = free_ports(3)
+        models_dir = write_mlserver_models(work / "mlserver-models", workload.booster, ports)
+        mlserver_log = work / "mlserver.log"
+        servers.append(
+            Server(
+                "mlserver",
+                Target(
+                    "MLServer (LightGBM runtime)",
+                    "127.0.0.1",
+                    ports[0],
+                    f"/v2/models/{MLSERVER_MODEL}/infer",
+                    [mlserver_body(row) for row in workload.feature_rows],
+                ),
+                start_mlserver(mlserver, models_dir, mlserver_log),
+                # Not /v2/health/ready: that is true before any model is loaded.
+                f"/v2/models/{MLSERVER_MODEL}/ready",
+                mlserver_log,
+                "OMP_NUM_THREADS=1",
+                mlserver_prediction,
+            )
+        )
+    return servers
+
+
+def _ratios(service: ServerFigures, peer: ServerFigures) -> dict[str, float]:
+    """``cancel-risk serve``'s figure over the peer's: below 1 is faster (latency), above 1
+    more requests a second."""
+    ratios = {k: getattr(service, k) / getattr(peer, k) for k in ("p50_ms", "p95_ms", "p99_ms")}
+    ratios.update({f"rps_c{c}": service.rps[str(c)] / peer.rps[str(c)] for c in CONCURRENCY})
+    ratios["peak_rss_mb"] = service.peak_rss_mb / peer.peak_rss_mb
+    return ratios
+
+
+P99_TARGET_MS = 2.0
+BATCH_TARGET_S = 0.15
+
+
+def _check(
+    target: str, measured: float, limit: float | None, unit: str, met: bool | None
+) -> dict[str, Any]:
+    return {"target": target, "measured": measured, "limit": limit, "unit": unit, "met": met}
+
+
+def target_checks(
+    service: dict[str, Any], mlserver: dict[str, Any] | None, batch: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The targets: sequential p99 <= 2 ms; req/s at c=8 >= MLServer's; a 1,000-posting batch
+    call (the median of the calls) <= 0.15 s. ``met`` is None where it was not measured."""
+    p99, rps, batch_s = service["p99_ms"], service["rps"]["8"], batch["median_s"]
+    peer = None if mlserver is None else mlserver["rps"]["8"]
+    return [
+        _check(
+            f"sequential p99 <= {P99_TARGET_MS:g} ms",
+            p99,
+            P99_TARGET_MS,
+            "ms",
+            p99 <= P99_TARGET_MS,
+        ),
+        _check(
+            "req/s at c=8 >= MLServer's", rps, peer, "req/s", None if peer is None else rps >= peer
+        ),
+        _check(
+            f"batch of {batch['postings']} postings <= {BATCH_TARGET_S:g} s (median call)",
+            batch_s,
+            BATCH_TARGET_S,
+            "s",
+            batch_s <= BATCH_TARGET_S,
+        ),
+    ]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    mlserver = None if args.no_mlserver else find_mlserver(args.mlserver)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="cancel-risk-bench-") as tmp:
         work = Path(tmp)
         env = tool_environment()
         workload = prepare(args, work, env)
-        mlflow_port = free_port()
-        mlflow_command = [
-            sys.executable,
-            *("-m", "mlflow", "models", "serve", "-m", str(workload.booster_dir)),
-            *("--env-manager", "local", "-h", "127.0.0.1", "-p", str(mlflow_port), "-w", "1"),
-        ]
-        service_bodies = [json.dumps(r, ensure_ascii=False).encode() for r in workload.requests]
-        mlflow_bodies = [
-            json.dumps(
-                {"dataframe_split": {"columns": workload.feature_columns, "data": [row]}}
-            ).encode()
-            for row in workload.feature_rows
-        ]
-        service, service_port, _ = start_service(workload.model_dir, work, env)
-        server = spawn(mlflow_command, work / "mlflow.log", env)
+        servers = start_servers(workload, work, env, mlserver)
         try:
-            wait_ready(f"http://127.0.0.1:{service_port}/readyz", service, work / "service.log")
-            wait_ready(f"http://127.0.0.1:{mlflow_port}/ping", server, work / "mlflow.log")
-            targets = {
-                "service": Target(
-                    "cancel-risk serve",
-                    "127.0.0.1",
-                    service_port,
-                    "/v1/score",
-                    service_bodies,
-                    {"X-API-Key": API_KEY},
-                ),
-                "mlflow": Target(
-                    "mlflow models serve", "127.0.0.1", mlflow_port, "/invocations", mlflow_bodies
-                ),
+            for server in servers:
+                url = f"http://127.0.0.1:{server.target.port}{server.ready_path}"
+                wait_ready(url, server.process, server.log)
+                check_listener(server.target.port, server.process)
+            check_rows = answer_check_rows(workload.feature_rows)
+            answers = {
+                server.key: {
+                    "rows": len(check_rows),
+                    "rows_with_missing": sum(
+                        any(math.isnan(v) for v in workload.feature_rows[i]) for i in check_rows
+                    ),
+                    "max_abs_difference": asyncio.run(
+                        _check_answers(server, check_rows, workload.expected)
+                    ),
+                }
+                for server in servers
+                if server.parse is not None
             }
-            # Both servers are up (an idle one costs nothing) and the repeats alternate, so a
-            # change in the machine's load falls on both alike.
-            repeats: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            # Every server is up (an idle one costs nothing) and the repeats alternate between
+            # them, so a change in the machine's load falls on all alike.
+            repeats: dict[str, list[dict[str, Any]]] = {server.key: [] for server in servers}
             for _ in range(args.repeats):
-                for name, target in targets.items():
-                    repeats[name].append(asyncio.run(_measure_once(target, args)))
+                for server in servers:
+                    repeats[server.key].append(asyncio.run(_measure_once(server.target, args)))
             items = [workload.requests[i % len(workload.requests)] for i in range(args.batch_size)]
             batch_body = json.dumps({"items": items}, ensure_ascii=False).encode()
             latencies, errors = asyncio.run(
-                _batch_calls(targets["service"], batch_body, args.batch_calls)
+                _batch_calls(servers[0].target, batch_body, args.batch_calls)
             )
             batch = {
                 "postings": args.batch_size,
@@ -545,13 +846,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "body_mb": len(batch_body) / 1e6,
             }
             results = {
-                "service": _summarise("cancel-risk serve", repeats["service"], service.pid),
-                "mlflow": _summarise("mlflow models serve", repeats["mlflow"], server.pid),
+                server.key: _summarise(server.target.name, repeats[server.key], server.process.pid)
+                for server in servers
             }
         finally:
-            stop_process(service)
-            stop_process(server)
-    service_figures, mlflow_figures = results["service"], results["mlflow"]
+            for server in servers:
+                stop_process(server.process)
+    service = results["service"]
+    peers = {key: figures for key, figures in results.items() if key != "service"}
+    figures = {key: asdict(value) for key, value in results.items()}
     return {
         "started": started,
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.rest", *sys.argv[1:]]),
@@ -575,43 +878,102 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     ]
                 )
             ),
+            "rows_with_missing_values": sum(
+                any(math.isnan(v) for v in row) for row in workload.feature_rows
+            ),
         },
-        "service": asdict(service_figures),
-        "mlflow": asdict(mlflow_figures),
-        "throughput_ratio_c8": service_figures.rps["8"] / mlflow_figures.rps["8"],
+        "threads": {server.key: server.threads for server in servers},
+        "answers_checked": answers,
+        "service": figures["service"],
+        "mlflow": figures["mlflow"],
+        "mlserver": figures.get("mlserver"),
+        "mlserver_skipped": "--no-mlserver" if mlserver is None else None,
+        "ratios": {key: _ratios(service, peer) for key, peer in peers.items()},
         "batch": batch,
+        "targets": target_checks(figures["service"], figures.get("mlserver"), batch),
     }
 
 
+def _verdict(check: dict[str, Any]) -> str:
+    unit = check["unit"]
+    measured = check["measured"]
+    digits = 0 if unit == "req/s" else (3 if unit == "s" else 2)
+    if check["met"] is None:
+        return f"not measured (MLServer not run); {measured:,.{digits}f} {unit}"
+    margin = abs(measured - check["limit"])
+    word = "met" if check["met"] else "missed"
+    if unit == "req/s":
+        side = "above" if measured >= check["limit"] else "below"
+        return (
+            f"**{word}**: {measured:,.0f} against {check['limit']:,.0f} req/s "
+            f"({margin:,.0f} {side}, {measured / check['limit']:.2f}x)"
+        )
+    side = "under" if measured <= check["limit"] else "over"
+    return f"**{word}**: {measured:.{digits}f} {unit} ({margin:.{digits}f} {unit} {side} the limit)"
+
+
+SERVER_LABELS = {
+    "service": "`cancel-risk serve` (parse, features, probability, reasons, decision)",
+    "mlflow": "`mlflow models serve` (bare booster predict of prebuilt rows)",
+    "mlserver": "MLServer LightGBM runtime, `parallel_workers` 0 (bare predict of the same rows)",
+}
+
+
 def format_markdown(report: dict[str, Any]) -> str:
-    service, mlflow_ = report["service"], report["mlflow"]
+    keys = [k for k in ("service", "mlflow", "mlserver") if report.get(k) is not None]
     rows = [
-        "| server | p50 ms | p95 ms | p99 ms | req/s c=8 | req/s c=32 | errors | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | p50 ms | p95 ms | p99 ms | req/s c=8 | req/s c=32 | errors | peak RSS MB "
+        "| threads |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for label, figures in (
-        ("`cancel-risk serve` (parse, features, probability, reasons, decision)", service),
-        ("`mlflow models serve` (bare booster predict of prebuilt rows)", mlflow_),
-    ):
+    for key in keys:
+        figures = report[key]
         rows.append(
-            f"| {label} | {figures['p50_ms']:.2f} | {figures['p95_ms']:.2f} | "
+            f"| {SERVER_LABELS[key]} | {figures['p50_ms']:.2f} | {figures['p95_ms']:.2f} | "
             f"{figures['p99_ms']:.2f} | {figures['rps']['8']:.0f} | {figures['rps']['32']:.0f} | "
-            f"{figures['errors']} | {figures['peak_rss_mb']:.0f} |"
+            f"{figures['errors']} | {figures['peak_rss_mb']:.0f} | {report['threads'][key]} |"
+        )
+    ratio_rows = [
+        "| `cancel-risk serve` / peer | p50 | p95 | p99 | req/s c=8 | req/s c=32 | peak RSS |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, ratios in report["ratios"].items():
+        ratio_rows.append(
+            f"| {report[key]['name']} | {ratios['p50_ms']:.2f}x | {ratios['p95_ms']:.2f}x | "
+            f"{ratios['p99_ms']:.2f}x | {ratios['rps_c8']:.2f}x | {ratios['rps_c32']:.2f}x | "
+            f"{ratios['peak_rss_mb']:.2f}x |"
         )
     batch = report["batch"]
     machine = report["machine"]
+    skipped = (
+        ["MLServer was not run (`--no-mlserver`).", ""] if report.get("mlserver_skipped") else []
+    )
+    checked = "; ".join(
+        f"{report[key]['name']}: {c['rows']} rows ({c['rows_with_missing']} with a missing value), "
+        f"largest difference {c['max_abs_difference']:.1g}"
+        for key, c in report["answers_checked"].items()
+    )
     return "\n".join(
         [
             *rows,
             "",
-            f"Throughput at concurrency 8: {report['throughput_ratio_c8']:.1f}x MLflow's. "
+            *ratio_rows,
+            "",
+            *skipped,
+            "Targets:",
+            *(f"- {check['target']}: {_verdict(check)}" for check in report["targets"]),
+            "",
             f"Batch of {batch['postings']} postings: median {batch['median_s']:.3f} s, "
-            f"max {batch['max_s']:.3f} s over {batch['calls']} calls.",
+            f"max {batch['max_s']:.3f} s over {batch['calls']} calls "
+            f"({batch['body_mb']:.1f} MB body), {batch['errors']} errors.",
+            f"Answers against `booster.predict` before measuring: {checked}.",
             f"Medians of {report['requests']['repeats']} repeats; {report['model']['trees']}-tree "
             f"model; {report['requests']['distinct']} distinct requests with "
-            f"{report['requests']['mean_events']:.0f} events on average; "
-            f"{machine['cpus']} CPUs, load average {machine['load_average_before'][0]} before, "
-            f"{machine['load_average_after'][0]} after; {report['started']}.",
+            f"{report['requests']['mean_events']:.0f} events on average "
+            f"({report['requests']['rows_with_missing_values']} of their feature rows have a "
+            f"missing value); {machine['cpus']} CPUs, load average "
+            f"{machine['load_average_before'][0]} before, {machine['load_average_after'][0]} "
+            f"after; {report['started']}.",
             f"Command: `{report['command']}`",
         ]
     )
@@ -624,6 +986,15 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--repeats", type=int, default=3)
         parser.add_argument("--batch-size", type=int, default=1000)
         parser.add_argument("--batch-calls", type=int, default=5)
+        parser.add_argument(
+            "--mlserver",
+            type=Path,
+            default=DEFAULT_MLSERVER,
+            help="MLServer's command, in its own environment (`make bench-rest` creates it).",
+        )
+        parser.add_argument(
+            "--no-mlserver", action="store_true", help="Leave MLServer out (the report says so)."
+        )
 
     run_command(argv, __doc__.splitlines()[0], add_arguments, run, format_markdown)
 
