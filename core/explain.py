@@ -565,6 +565,17 @@ def frame_fact_columns(features: pd.DataFrame) -> FactColumns:
     )
 
 
+def row_fact_columns(rows: Sequence[Mapping[str, Any]]) -> FactColumns:
+    """:func:`fact_columns` of feature rows held as dicts (missing numbers None or NaN)."""
+    return fact_columns(
+        {
+            c: np.array([np.nan if row[c] is None else row[c] for row in rows], dtype="float64")
+            for c in FACT_NUMBER_COLUMNS
+        },
+        {c: [row[c] for row in rows] for c in FACT_TEXT_COLUMNS},
+    )
+
+
 def _shown(names: Sequence[object]) -> list[str]:
     return [name if isinstance(name, str) and name else "?" for name in names]
 
@@ -764,20 +775,14 @@ def build_explanation_columns(
     probabilities = np.asarray(probabilities, dtype="float64")
     rows = np.arange(len(features)) if with_reasons is None else np.flatnonzero(with_reasons)
     matrix = model.build_matrix(features.iloc[rows])
-    drops = explainer.risk_drops(matrix, model.predict_matrix_raw(matrix), probabilities[rows])
-    causes = np.full((len(features), MAX_REASONS), -1, dtype=np.int64)
-    top_drops = np.full((len(features), MAX_REASONS), np.nan)
-    causes[rows], top_drops[rows] = rank_causes(drops)
-    needs_reason = np.zeros(len(features), dtype=bool)
-    needs_reason[rows] = model.risk_levels(probabilities[rows]) != "low"
-    return explainer.explain_columns(
+    return explainer.explain_matrix(
         probabilities,
         features["is_handed_over"].to_numpy(dtype="float64", na_value=0.0),
-        causes,
-        top_drops,
+        rows,
+        matrix,
+        model.predict_matrix_raw(matrix),
         lambda explained: frame_fact_columns(features.iloc[explained]),
         lang,
-        needs_reason=needs_reason,
     )
 
 
@@ -806,6 +811,39 @@ class Explainer:
         self, matrix: np.ndarray, raw: np.ndarray, probabilities: np.ndarray
     ) -> np.ndarray:
         return risk_drop_matrix(self.model, matrix, raw, probabilities, self.reference_codes)
+
+    def explain_matrix(
+        self,
+        probabilities: np.ndarray,
+        handed_over: np.ndarray,
+        rows: np.ndarray,
+        matrix: np.ndarray,
+        raw: np.ndarray,
+        values_of: Callable[[np.ndarray], FactColumns],
+        lang: str,
+    ) -> ExplanationColumns:
+        """Explanations of all rows, the ``rows`` among them reasoned about.
+
+        ``matrix`` and ``raw`` are the model matrix and the booster's raw output of ``rows``
+        only (the counterfactuals start from them); medium- and high-risk rows among them get
+        reasons, every row its decision. ``values_of`` as in :meth:`explain_columns`.
+        """
+        probabilities = np.asarray(probabilities, dtype="float64")
+        drops = self.risk_drops(matrix, raw, probabilities[rows])
+        causes = np.full((len(probabilities), MAX_REASONS), -1, dtype=np.int64)
+        top_drops = np.full((len(probabilities), MAX_REASONS), np.nan)
+        causes[rows], top_drops[rows] = rank_causes(drops)
+        needs_reason = np.zeros(len(probabilities), dtype=bool)
+        needs_reason[rows] = self.model.risk_levels(probabilities[rows]) != "low"
+        return self.explain_columns(
+            probabilities,
+            handed_over,
+            causes,
+            top_drops,
+            values_of,
+            lang,
+            needs_reason=needs_reason,
+        )
 
     def explain_columns(
         self,

@@ -50,6 +50,21 @@ _SINGLE_THREAD_MAX_ROWS = 512
 _SMALL_FRAME_ROWS = 64
 
 
+# The artifact of the logged MLflow model that holds its :meth:`RiskModel.save` files.
+RISK_MODEL_ARTIFACT = "risk_model"
+
+
+def risk_model_files(logged_model_dir: str | Path) -> Path:
+    """Where a downloaded cancel-risk MLflow model keeps its :meth:`RiskModel.save` files."""
+    path = Path(logged_model_dir) / "artifacts" / RISK_MODEL_ARTIFACT
+    if not path.is_dir():
+        raise IncompatibleModelError(
+            f"{logged_model_dir} is not a cancel-risk model: it has no artifacts/"
+            f"{RISK_MODEL_ARTIFACT} directory"
+        )
+    return path
+
+
 class IncompatibleModelError(Exception):
     """A saved model that this code cannot score with (other feature version or format)."""
 
@@ -145,6 +160,11 @@ class RiskModel:
         both become NaN, which LightGBM routes as missing: scored, never an error.
         """
         return self._encoder.build_matrix(features)
+
+    def build_matrix_from_rows(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """:meth:`build_matrix` of feature rows held as dicts (column -> value), as the REST
+        service holds a request's row: the same encoder, without a frame."""
+        return self._encoder.build_matrix_from_rows(rows)
 
     def score_raw(self, features: pd.DataFrame) -> np.ndarray:
         """The booster's uncalibrated probabilities."""
@@ -299,6 +319,16 @@ class FeatureEncoder:
             except (TypeError, ValueError):
                 pass  # a nullable numeric column (pd.NA): the column-wise path handles it
         return self._build_columnwise(features)
+
+    def build_matrix_from_rows(self, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """The matrix of rows given as dicts; missing numbers may be None or NaN."""
+        values = np.array(
+            [[row[column] for column in self.feature_columns] for row in rows], dtype=object
+        ).reshape(len(rows), len(self.feature_columns))
+        numeric = values[:, self._numeric_positions]
+        missing = numeric == None  # noqa: E711 (elementwise on an object array)
+        values[:, self._numeric_positions] = np.where(missing, np.nan, numeric)
+        return self._build_small(values)
 
     def _build_small(self, values: np.ndarray) -> np.ndarray:
         matrix = np.empty(values.shape, dtype="float64")

@@ -25,6 +25,7 @@ themselves are a plain-file :class:`RiskModel` directory passed as an artifact.
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -36,12 +37,11 @@ from mlflow.models.signature import ModelSignature
 from mlflow.types.schema import ColSpec, Schema
 
 from core.ingest import tables_from_objects
-from core.model import RiskModel
+from core.model import RISK_MODEL_ARTIFACT, RiskModel, risk_model_files
 from core.tables import TERMINAL_STATUSES, HistoryTables
 
 logger = logging.getLogger(__name__)
 
-RISK_MODEL_ARTIFACT = "risk_model"
 INPUT_COLUMNS = ("posting", "prices", "pushes", "tracking", "as_of")
 OUTPUT_COLUMNS = ("posting_number", "probability", "risk_level")
 INPUT_SOURCE = "pyfunc"
@@ -78,9 +78,16 @@ class CancelRiskPythonModel(mlflow.pyfunc.PythonModel):
 
 
 def load_risk_model(model_uri: str) -> RiskModel:
-    """The :class:`RiskModel` inside a logged pyfunc (``models:/cancel-risk@champion``, ...)."""
-    loaded = mlflow.pyfunc.load_model(model_uri)
-    return loaded.unwrap_python_model().risk_model
+    """The :class:`RiskModel` logged inside a cancel-risk pyfunc (``models:/cancel-risk@champion``,
+    ``runs:/...``, a local directory), read from its plain files by this code.
+
+    Nothing the model logged is run: a model logged by an older layout of the project loads the
+    same (its feature version is checked as always), and the registry cannot hand code to the
+    service or the batch.
+    """
+    with tempfile.TemporaryDirectory(prefix="cancel-risk-model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp)
+        return RiskModel.load(risk_model_files(local))
 
 
 def score_records(

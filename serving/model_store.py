@@ -37,9 +37,9 @@ from typing import Any, Literal
 import pandas as pd
 
 from core.features import FEATURE_VERSION
-from core.model import BOOSTER_FILE, IncompatibleModelError, RiskModel
+from core.model import BOOSTER_FILE, IncompatibleModelError, RiskModel, risk_model_files
 from serving.probes import build_probe_jobs
-from serving.scoring import ModelScorer
+from serving.scoring import ModelScorer, RoutesDisagree
 from serving.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -256,25 +256,15 @@ def load_risk_model_from_mlflow(uri: str) -> RiskModel:
     """The :class:`RiskModel` inside the cancel-risk pyfunc at ``uri`` (``models:/name/3``).
 
     The model's files are downloaded and their boosters checked (:func:`check_booster_files`)
-    before MLflow loads it. MLflow puts a logged model's code directory in front of
-    ``sys.path`` when it loads it; the path is restored so later imports keep coming from the
-    installed package.
+    before the model is read from its plain files (``core.pyfunc.risk_model_files``): nothing
+    the model logged is run in the service.
     """
     import mlflow
 
-    saved_path = list(sys.path)
-    try:
-        with tempfile.TemporaryDirectory(prefix="cancel-risk-model-") as tmp:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
-            check_booster_files(local)
-            loaded = mlflow.pyfunc.load_model(local)
-            python_model = loaded.unwrap_python_model()
-    finally:
-        sys.path[:] = saved_path
-    risk_model = getattr(python_model, "risk_model", None)
-    if not isinstance(risk_model, RiskModel):
-        raise ModelLoadError("refused", f"{uri} is not a cancel-risk model (no risk_model inside)")
-    return risk_model
+    with tempfile.TemporaryDirectory(prefix="cancel-risk-model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        check_booster_files(local)
+        return RiskModel.load(risk_model_files(local))
 
 
 class ModelStore:
@@ -430,7 +420,7 @@ class ModelStore:
         source: ModelSource,
         registry_error: str | None,
     ) -> LoadedModel:
-        """Refuse a model this code cannot score with; check the fast path against it."""
+        """Refuse a model this code cannot score with, or whose routes disagree on the probes."""
         if model.feature_version != FEATURE_VERSION:
             raise ModelLoadError(
                 "refused",
@@ -441,6 +431,10 @@ class ModelStore:
         jobs, as_of = build_probe_jobs(model)
         try:
             scorer.check_fast_path(jobs, as_of)
+        except RoutesDisagree as exc:
+            raise ModelLoadError(
+                "refused", f"the service's route and the batch's disagree on a probe: {exc}"
+            ) from exc
         except Exception as exc:
             raise ModelLoadError(
                 "refused", f"the model cannot score the probe requests: {_short(exc)}"

@@ -8,9 +8,12 @@ A request goes through two steps:
    handles canonical requests in ~0.1 ms; the reference path (``tables_from_objects`` +
    ``build_features``, the code training and the nightly batch run) handles everything else and
    words every rejection from the ingestion's own reasons. Both give the same row.
-2. **score** (:meth:`ModelScorer.score`): many prepared rows at once, as one feature frame
-   through ``RiskModel.score_features`` and ``build_explanations``, so concurrent requests share
-   one booster call (see :class:`MicroBatcher`).
+2. **score** (:meth:`ModelScorer.score`): many prepared rows at once through the model's
+   encoder, booster and calibrator and the batch's :class:`core.explain.Explainer`, so
+   concurrent requests share one booster call (see :class:`MicroBatcher`).
+
+Each model is checked on probe requests when it is loaded (:meth:`ModelScorer.check_fast_path`):
+a model whose two routes disagree anywhere is refused.
 """
 
 from __future__ import annotations
@@ -19,18 +22,17 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
 
 from core.aggregates import build_resolutions
-from core.explain import LANGUAGES, Explanation, build_explanations
+from core.explain import LANGUAGES, Explainer, Explanation, build_explanations, row_fact_columns
 from core.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, build_features
 from core.ingest import tables_from_objects
 from core.model import RiskModel
-from serving.fast_explain import FastExplainer, MatrixEncoder
 from serving.fast_path import (
     FastFeatureBuilder,
     NotCanonical,
@@ -110,29 +112,19 @@ class ModelScorer:
 
     def __init__(self, model: RiskModel, *, fast_path: bool = True) -> None:
         self.model = model
+        self.explainer = Explainer(model)
         self.fast: FastFeatureBuilder | None = None
-        self.encoder: MatrixEncoder | None = None
-        self.explainer: FastExplainer | None = None
         self.fast_path_note: str | None = None
         if not fast_path:
             self.fast_path_note = "turned off by the settings"
-            return
-        notes = []
-        self.encoder = MatrixEncoder(model)
-        try:
-            self.explainer = FastExplainer(model)
-        except ValueError as exc:
-            notes.append(f"explanations by build_explanations: {exc}")
-        if model.aggregates is None:
-            notes.append("features by build_features: the model carries no history aggregates")
+        elif model.aggregates is None:
+            self.fast_path_note = "the model carries no history aggregates"
         elif not fast_path_supports(model.feature_version):
-            notes.append(
-                f"features by build_features: the fast path does not compute feature version "
-                f"{model.feature_version!r}"
+            self.fast_path_note = (
+                f"the fast path does not compute feature version {model.feature_version!r}"
             )
         else:
             self.fast = FastFeatureBuilder(model.aggregates)
-        self.fast_path_note = "; ".join(notes) or None
 
     @property
     def path(self) -> ScoringPath:
@@ -223,17 +215,15 @@ class ModelScorer:
     # --- score --------------------------------------------------------------------------------
 
     def score(self, prepared: Sequence[PreparedPosting]) -> list[ScoredPosting]:
-        """Probabilities, levels and explanations of prepared rows, in their order."""
+        """Probabilities, levels and explanations of prepared rows, in their order.
+
+        ``RiskModel.score_features`` and ``build_explanations`` step by step on the rows as
+        dicts: the same encoder, calibrator and explainer, without a feature frame.
+        """
         if not prepared:
             return []
         rows = [p.row for p in prepared]
-        frame = None
-        if self.encoder is not None:
-            matrix = self.encoder.encode(rows)
-        else:
-            frame = build_feature_frame(rows, [p.posting_number for p in prepared])
-            matrix = self.model.build_matrix(frame)
-        # RiskModel.score_features, step by step, keeping the matrix and raw scores for reasons.
+        matrix = self.model.build_matrix_from_rows(rows)
         raw = self.model.predict_matrix_raw(matrix)
         probabilities = self.model.calibrator.transform(raw)
         if not np.all(np.isfinite(probabilities)):
@@ -243,16 +233,9 @@ class ModelScorer:
         langs = [p.lang for p in prepared]
         for lang in dict.fromkeys(langs):
             group = [i for i, value in enumerate(langs) if value == lang]
-            if self.explainer is not None:
-                explained = self.explainer.explain(
-                    matrix[group], raw[group], probabilities[group], [rows[i] for i in group], lang
-                )
-            else:
-                if frame is None:
-                    frame = build_feature_frame(rows, [p.posting_number for p in prepared])
-                part = frame if len(group) == len(prepared) else frame.iloc[group]
-                explained = build_explanations(self.model, part, probabilities[group], lang=lang)
-            for i, explanation in zip(group, explained, strict=True):
+            for i, explanation in zip(
+                group, self.explain(rows, group, matrix, raw, probabilities, lang), strict=True
+            ):
                 explanations[i] = explanation
         return [
             ScoredPosting(
@@ -266,72 +249,76 @@ class ModelScorer:
             for i, p in enumerate(prepared)
         ]
 
+    def explain(
+        self,
+        rows: Sequence[dict[str, Any]],
+        group: Sequence[int],
+        matrix: np.ndarray,
+        raw: np.ndarray,
+        probabilities: np.ndarray,
+        lang: str,
+    ) -> list[Explanation]:
+        """``build_explanations`` of the rows at ``group`` positions, in one language."""
+        chosen = [rows[i] for i in group]
+        handed_over = np.array([row["is_handed_over"] for row in chosen], dtype="float64")
+        return self.explainer.explain_matrix(
+            probabilities[group],
+            np.nan_to_num(handed_over, nan=0.0),
+            np.arange(len(group)),
+            matrix[group],
+            raw[group],
+            lambda explained: row_fact_columns([chosen[i] for i in explained.tolist()]),
+            lang,
+        ).to_explanations()
+
     # --- self-check ---------------------------------------------------------------------------
 
     def check_fast_path(self, jobs: Sequence[ScoreJob], as_of: int) -> None:
-        """Compare every fast step with the reference on ``jobs``; turn off any that differs.
+        """Score ``jobs`` by both routes; :class:`RoutesDisagree` when they differ anywhere.
 
-        The feature rows are compared with ``build_features``; the matrix, probabilities and
-        explanations (in every language) with ``RiskModel.build_matrix``, ``score_features``
-        and ``build_explanations``. A model that cannot score the probes raises.
+        The reference route is the batch's: ``tables_from_objects`` + ``build_features``, a
+        feature frame, ``RiskModel.score_features`` and ``build_explanations``. The service's
+        route is the fast path's rows (when it has one) through :meth:`score`. Rows, then
+        probabilities, then explanations in every language must be equal. A model that cannot
+        score the probes at all raises what went wrong.
         """
         reference = [self.prepare_reference(job, as_of, ("probe", i)) for i, job in enumerate(jobs)]
-        rows = [p.row for p in reference]
-        frame = build_feature_frame(rows, [p.posting_number for p in reference])
+        numbers = [p.posting_number for p in reference]
+        frame = build_feature_frame([p.row for p in reference], numbers)
         expected = self.model.score_features(frame)
         if not np.all(np.isfinite(expected)):
             raise FloatingPointError("the model returned a probability that is not finite")
-        self._check_scoring(rows, frame, expected)
-        if self.fast is None:
-            return
-        for i, job in enumerate(jobs):
-            try:
-                fast = self.prepare_fast(job, as_of, ("probe", i))
-            except RequestRejected as exc:
-                self._disable_fast(f"probe {i}: the fast path rejected it ({exc.errors[0].msg})")
-                return
-            if fast is None:
-                self._disable_fast(f"probe {i} is not canonical to the fast path")
-                return
-            difference = first_difference(fast.row, reference[i].row)
-            if difference is not None:
-                self._disable_fast(f"probe {i}: {difference}")
-                return
-
-    def _check_scoring(self, rows: list[dict[str, Any]], frame: pd.DataFrame, expected) -> None:
-        if self.encoder is None:
-            return
-        matrix = self.encoder.encode(rows)
-        if not np.array_equal(matrix, self.model.build_matrix(frame), equal_nan=True):
-            self._disable_scoring("the encoded matrix differs from RiskModel.build_matrix")
-            return
-        raw = self.model.predict_matrix_raw(matrix)
-        if not np.array_equal(self.model.calibrator.transform(raw), expected):
-            self._disable_scoring("the probabilities differ from RiskModel.score_features")
-            return
-        if self.explainer is None:
-            return
+        prepared = reference
+        if self.fast is not None:
+            prepared = [self._fast_probe(job, as_of, i, reference[i]) for i, job in enumerate(jobs)]
         for lang in LANGUAGES:
-            fast = self.explainer.explain(matrix, raw, expected, rows, lang)
-            if fast != build_explanations(self.model, frame, expected, lang=lang):
-                self.explainer = None
-                self._note(f"explanations ({lang}) differ from build_explanations")
-                return
+            served = self.score([replace(p, lang=lang) for p in prepared])
+            probabilities = np.array([s.probability for s in served])
+            if not np.array_equal(probabilities, expected):
+                raise RoutesDisagree("probabilities differ from RiskModel.score_features")
+            if [s.explanation for s in served] != build_explanations(
+                self.model, frame, expected, lang=lang
+            ):
+                raise RoutesDisagree(f"explanations ({lang}) differ from build_explanations")
 
-    def _disable_scoring(self, reason: str) -> None:
-        self.encoder = None
-        self.explainer = None
-        self._note(reason)
+    def _fast_probe(
+        self, job: ScoreJob, as_of: int, i: int, reference: PreparedPosting
+    ) -> PreparedPosting:
+        try:
+            fast = self.prepare_fast(job, as_of, ("probe", i))
+        except RequestRejected as exc:
+            message = f"probe {i}: the fast path rejected it ({exc.errors[0].msg})"
+            raise RoutesDisagree(message) from exc
+        if fast is None:
+            raise RoutesDisagree(f"probe {i} is not canonical to the fast path")
+        difference = first_difference(fast.row, reference.row)
+        if difference is not None:
+            raise RoutesDisagree(f"probe {i}: features differ from build_features: {difference}")
+        return fast
 
-    def _disable_fast(self, reason: str) -> None:
-        self.fast = None
-        self._note(f"features differ from build_features on a probe request: {reason}")
 
-    def _note(self, reason: str) -> None:
-        logger.warning("fast path partly off for this model: %s", reason)
-        self.fast_path_note = (
-            reason if self.fast_path_note is None else (f"{self.fast_path_note}; {reason}")
-        )
+class RoutesDisagree(Exception):
+    """The service's route and the batch's give a probe request different results."""
 
 
 def first_difference(

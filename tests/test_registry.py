@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from benchmarks.rest import stop_process
 from core.features import FEATURE_VERSION
-from core.model import RiskModel
+from core.model import IncompatibleModelError, RiskModel
 from core.pyfunc import load_risk_model
 from training.config import PromotionConfig, load_training_config
 from training.fit import fit_risk_model
@@ -186,6 +187,27 @@ def test_logged_model_is_built_from_code_and_carries_the_package(
     assert f"lightgbm=={lightgbm.__version__}" in requirements
     loaded = load_risk_model(f"models:/{NAME}@{CHALLENGER_ALIAS}")
     assert np.array_equal(loaded.score_features(holdout), models["good"].score_features(holdout))
+
+
+def test_a_logged_model_loads_from_its_files_without_running_its_code(
+    models: dict[str, RiskModel], synthetic_set: SyntheticSet, tracking_uri: str, tmp_path: Path
+) -> None:
+    """The service and the batch read a logged model's RiskModel files with their own code: a
+    model logged by an older layout of the project (its code under another package) still
+    loads, and code shipped inside a model never runs."""
+    holdout = synthetic_set.frame[synthetic_set.frame["split"] == "test"]
+    version = _register(models["good"], holdout)
+    logged = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/{version}"))
+    older = Path(shutil.copytree(logged, tmp_path / "older-layout"))
+    shutil.rmtree(older / "code" / "core")
+    (older / "code" / "training").mkdir()
+    (older / "code" / "training" / "__init__.py").write_text("raise RuntimeError('ran')\n")
+    (older / "cancel_risk_model.py").write_text("raise RuntimeError('ran')\n")
+    loaded = load_risk_model(str(older))
+    assert np.array_equal(loaded.score_features(holdout), models["good"].score_features(holdout))
+    shutil.rmtree(older / "artifacts" / "risk_model")
+    with pytest.raises(IncompatibleModelError, match="no artifacts/risk_model"):
+        load_risk_model(str(older))
 
 
 # --- raw records through the pyfunc --------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,6 @@ from core.features import build_feature_rows, build_features
 from core.ingest import tables_from_objects
 from core.ingest.values import build_decimals, build_strings, build_utc_timestamps
 from serving.app import create_app
-from serving.fast_explain import FastExplainer, MatrixEncoder
 from serving.fast_path import (
     FastFeatureBuilder,
     build_feature_frame,
@@ -43,7 +43,13 @@ from serving.fast_path import (
     parse_timestamp,
 )
 from serving.probes import build_probe_jobs
-from serving.scoring import ModelScorer, PreparedPosting, ScoreJob, first_difference
+from serving.scoring import (
+    ModelScorer,
+    PreparedPosting,
+    RoutesDisagree,
+    ScoreJob,
+    first_difference,
+)
 from serving.settings import ServiceSettings
 from serving.validation import RequestRejected
 
@@ -470,14 +476,13 @@ def test_matrix_probabilities_and_explanations_equal_the_frame_based_functions(
             prepared.append(ready)
     rows = [p.row for p in prepared]
     frame = build_feature_frame(rows, [p.posting_number for p in prepared])
-    matrix = MatrixEncoder(model).encode(rows)
+    matrix = model.build_matrix_from_rows(rows)
     assert np.array_equal(matrix, model.build_matrix(frame), equal_nan=True)
-    raw = model.predict_matrix_raw(matrix)
-    probabilities = model.calibrator.transform(raw)
-    assert np.array_equal(probabilities, model.score_features(frame))
-    explainer = FastExplainer(model)
+    probabilities = model.score_features(frame)
     for lang in LANGUAGES:
-        fast = explainer.explain(matrix, raw, probabilities, rows, lang)
+        served = scorer.score([replace(p, lang=lang) for p in prepared])
+        assert np.array_equal([s.probability for s in served], probabilities)
+        fast = [s.explanation for s in served]
         assert fast == build_explanations(model, frame, probabilities, lang=lang)
     # The rows cover every cause the model names, so every rule was compared.
     named = {reason.code for e in fast for reason in e.reasons}
@@ -494,7 +499,7 @@ def test_probe_requests_pass_the_fast_path_check(trained_shop) -> None:
     assert scorer.path == "fast", scorer.fast_path_note
 
 
-def test_a_fast_path_that_differs_is_turned_off(trained_shop, monkeypatch) -> None:
+def test_a_model_whose_routes_differ_is_refused(trained_shop, monkeypatch) -> None:
     original = FastFeatureBuilder.build_row
 
     def drifted(self, parsed, as_of):
@@ -505,10 +510,19 @@ def test_a_fast_path_that_differs_is_turned_off(trained_shop, monkeypatch) -> No
     monkeypatch.setattr(FastFeatureBuilder, "build_row", drifted)
     scorer = ModelScorer(trained_shop.model, fast_path=True)
     jobs, as_of = build_probe_jobs(trained_shop.model)
-    scorer.check_fast_path(jobs, as_of)
-    assert scorer.path == "reference"
-    assert "hours_since_order" in (scorer.fast_path_note or "")
-    # Requests are still scored, now by build_features.
-    prepared = scorer.prepare_fast(jobs[0], as_of, ())
-    assert prepared is None
-    assert np.isfinite(scorer.score([scorer.prepare_reference(jobs[0], as_of, ())])[0].probability)
+    with pytest.raises(RoutesDisagree, match="hours_since_order"):
+        scorer.check_fast_path(jobs, as_of)
+
+
+def test_a_model_whose_explanations_differ_is_refused(trained_shop, monkeypatch) -> None:
+    original = ModelScorer.explain
+
+    def drifted(self, *args, **kwargs):
+        explanations = original(self, *args, **kwargs)
+        return [replace(e, expected_saving=e.expected_saving + 1.0) for e in explanations]
+
+    monkeypatch.setattr(ModelScorer, "explain", drifted)
+    scorer = ModelScorer(trained_shop.model, fast_path=True)
+    jobs, as_of = build_probe_jobs(trained_shop.model)
+    with pytest.raises(RoutesDisagree, match="explanations"):
+        scorer.check_fast_path(jobs, as_of)

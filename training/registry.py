@@ -36,8 +36,8 @@ from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
 
 import core
-from core.model import IncompatibleModelError, RiskModel
-from core.pyfunc import MODEL_CODE, RISK_MODEL_ARTIFACT, build_signature, load_risk_model
+from core.model import RISK_MODEL_ARTIFACT, IncompatibleModelError, RiskModel
+from core.pyfunc import MODEL_CODE, build_signature, load_risk_model
 from training.evaluate import compute_metrics
 
 if TYPE_CHECKING:
