@@ -444,9 +444,9 @@ def start_service(
 
 MLSERVER_MODEL = "lgbm"
 DEFAULT_MLSERVER = Path(".venv-mlserver/bin/mlserver")
-# The bare-predict servers call LightGBM with its default threads, which on a shared machine
-# spin against the load generator (MLServer's p50 2 ms becomes 8 ms on two cores); one
-# thread each. `cancel-risk serve` sets its own: one thread for a matrix of up to 512 rows.
+# The bare-predict servers call LightGBM with its default threads (all cores), which on a
+# shared two-core machine spin against the load generator and the other servers; one thread
+# each. `cancel-risk serve` sets its own: one thread for a matrix of up to 512 rows.
 BARE_PREDICT_ENV = {"OMP_NUM_THREADS": "1"}
 
 
