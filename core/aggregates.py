@@ -196,15 +196,10 @@ class PointInTimeIndex:
         earlier_times = np.searchsorted(self.times, query_ns, side=side)
         found = np.searchsorted(self.numbers, query_keys * self.stride + earlier_times, "right")
         found -= 1
+        # A missing key (-1), a missing time (no earlier times) or nothing early enough all land
+        # on a row of another key, or before the first row.
         at = np.maximum(found, 0)
-        qualifies = (
-            (found >= 0)
-            & (self.keys[at] == query_keys)
-            & (earlier_times > 0)
-            & (query_keys >= 0)
-            & (query_ns != NAT_NS)
-        )
-        return np.where(qualifies, self.rows[at], -1)
+        return np.where((found >= 0) & (self.keys[at] == query_keys), self.rows[at], -1)
 
 
 def positions_of(keys: pd.Series | pd.Index, queries: pd.Series | pd.Index) -> np.ndarray:
@@ -395,11 +390,12 @@ class CountsIndex:
         keys = counts["key"]
         self.keys = pd.Index(pd.unique(keys.dropna()))
         self.rows = PointInTimeIndex(self.keys.get_indexer(keys), to_ns(counts["at"]))
-        self.columns = {
-            name: counts[name].to_numpy(dtype="float64")
-            for name in counts.columns
-            if name not in ("key", "at")
-        }
+        names = [name for name in counts.columns if name not in ("key", "at")]
+        self.position = {name: j for j, name in enumerate(names)}
+        # One row per table row and a last row of zeros: what a query with no row gets.
+        self.values = np.zeros((len(counts) + 1, len(names)))
+        if names:
+            self.values[:-1] = counts[names].to_numpy(dtype="float64")
 
     def _integer_codes(self, query: np.ndarray) -> np.ndarray:
         if self.keys.dtype.kind not in "iu" or len(self.keys) == 0:
@@ -441,7 +437,8 @@ class CountsIndex:
     ) -> dict[str, np.ndarray]:
         """The cumulative ``columns`` for each (key, t); 0 where nothing came before."""
         rows = self.rows.latest(self.codes(query_keys), query_ns, strictly_before=strictly_before)
-        return {name: gather(self.columns[name], rows, fill=0.0) for name in columns}
+        values = self.values[np.where(rows >= 0, rows, len(self.values) - 1)]
+        return {name: values[:, self.position[name]] for name in columns}
 
 
 def _smoothed_rate(
