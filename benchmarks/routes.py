@@ -5,12 +5,13 @@ e.g. ``make demo``'s). For ``--requests`` postings open at the history's latest 
 sent as the seller's system would send it (:func:`cancel_risk.examples.open_score_requests`),
 it measures per request, in this process, medians of ``--repeats`` passes:
 
-- ``prepare_fast``: the service's row for a canonical request (``serving.fast_path``), and of
-  it the history aggregates' lookup (``HistoryAggregates.lookup_columns``, the code
-  ``build_features`` runs);
+- ``prepare_fast``: the service's row for a canonical request (``serving.fast_path``) but for
+  the history aggregates, and their lookup (``HistoryAggregates.lookup_columns``, the code
+  ``build_features`` runs) for one request and for all of them in one call, as a micro-batch
+  of concurrent requests or a batch call does it;
 - ``prepare_reference``: ``tables_from_objects`` + ``build_features``, the batch's code on the
   request's records, split into its two halves;
-- ``score``: probability, level and reasons of one prepared row.
+- ``score``: the history lookup, probability, level and reasons of one prepared row.
 
 Then ``latest_row`` ("the latest row of each key at t") by its two algorithms on tables and
 queries of growing size: the sorted index (:class:`core.aggregates.PointInTimeIndex`) and
@@ -23,6 +24,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,17 +83,21 @@ def measure_routes(
     prepared = [scorer.prepare_fast(job, as_of, ()) for job in jobs]
     routes: dict[str, Callable[[Any], object]] = {
         "prepare_fast": lambda job: scorer.prepare_fast(job, as_of, ()),
-        "prepare_fast: history lookup": lambda p: lookup_history(model.aggregates, p, as_of),
+        "prepare_fast: history lookup": lambda p: lookup_history(model.aggregates, [p], [as_of]),
+        "history lookup of all requests in one call": lambda ps: lookup_history(
+            model.aggregates, ps, [as_of] * len(ps)
+        ),
         "prepare_reference": lambda job: scorer.prepare_reference(job, as_of, ()),
         "prepare_reference: tables_from_objects": lambda j: tables_from_objects(
             [j.posting], pushes=j.pushes, prices=j.prices, tracking=j.tracking
         ),
         "prepare_reference: build_features": lambda t: build_features(t, moment, model.aggregates),
-        "score (one row)": lambda p: scorer.score([p]),
+        "score (one row)": lambda p: scorer.score([replace(p, features=dict(p.features))]),
     }
     inputs = {
         "prepare_fast": jobs,
         "prepare_fast: history lookup": parsed,
+        "history lookup of all requests in one call": [parsed],
         "prepare_reference": jobs,
         "prepare_reference: tables_from_objects": jobs,
         "prepare_reference: build_features": tables,

@@ -524,21 +524,33 @@ def _segment_sum(values: Sequence[float]) -> float:
 # --- the history aggregates --------------------------------------------------------------------
 
 
-def lookup_history(aggregates: HistoryAggregates, parsed: ParsedRequest, as_of: int) -> dict:
-    """The posting's history aggregates at ``as_of``: ``HistoryAggregates.lookup_columns``, the
-    code ``build_features`` runs, on one-row columns."""
-    lines = parsed.lines
+HISTORY_COLUMNS = (
+    "carrier_buyer_cancel_rate",
+    "sku_buyer_cancel_rate",
+    "region_buyer_cancel_rate",
+    "buyer_earlier_postings",
+    "buyer_earlier_buyer_cancels",
+)
+
+
+def lookup_history(
+    aggregates: HistoryAggregates, parsed: Sequence[ParsedRequest], as_of: Sequence[int]
+) -> dict[str, list[float]]:
+    """The postings' history aggregates, each at its ``as_of``: one call of
+    ``HistoryAggregates.lookup_columns``, the code ``build_features`` runs, for all of them."""
+    line_row = [k for k, posting in enumerate(parsed) for _ in posting.lines]
+    lines = [line for posting in parsed for line in posting.lines]
     values = aggregates.lookup_columns(
-        carrier_id=[parsed.carrier_id],
-        region=[parsed.region],
-        customer_id=[parsed.customer_id],
-        ordered_ns=np.array([parsed.ordered_at], dtype="int64"),
-        as_of_ns=np.array([as_of], dtype="int64"),
-        line_row=np.zeros(len(lines), dtype="int64"),
+        carrier_id=[posting.carrier_id for posting in parsed],
+        region=[posting.region for posting in parsed],
+        customer_id=[posting.customer_id for posting in parsed],
+        ordered_ns=np.array([posting.ordered_at for posting in parsed], dtype="int64"),
+        as_of_ns=np.array(as_of, dtype="int64"),
+        line_row=np.array(line_row, dtype="int64"),
         line_sku=[line.sku for line in lines],
         line_weight=np.array([line.value for line in lines], dtype="float64"),
     )
-    return {name: float(column[0]) for name, column in values.items()}
+    return {name: values[name].tolist() for name in HISTORY_COLUMNS}
 
 
 # --- the feature families ----------------------------------------------------------------------
@@ -770,7 +782,7 @@ def build_listing(parsed: ParsedRequest, as_of: int, pushes_collected: bool) -> 
     }
 
 
-def build_buyer_and_order(parsed: ParsedRequest, history: Mapping[str, float]) -> dict[str, Any]:
+def build_buyer_and_order(parsed: ParsedRequest) -> dict[str, Any]:
     """``features.build_buyer_and_order`` for one posting."""
     values_rub = [
         line.value * RUB_PER_UNIT.get(line.currency, math.nan) if line.currency else math.nan
@@ -786,8 +798,6 @@ def build_buyer_and_order(parsed: ParsedRequest, history: Mapping[str, float]) -
         "total_quantity": _segment_sum([float(line.quantity) for line in parsed.lines]),
         "product_lines": float(len(parsed.lines)),
         "order_value_rub": _segment_sum(values_rub) if all_known else math.nan,
-        "buyer_earlier_postings": history["buyer_earlier_postings"],
-        "buyer_earlier_buyer_cancels": history["buyer_earlier_buyer_cancels"],
     }
 
 
@@ -807,7 +817,8 @@ class FastFeatureBuilder:
         self.aggregates = aggregates
 
     def build_row(self, parsed: ParsedRequest, as_of: int) -> dict[str, Any]:
-        """The feature row of ``build_features`` for an open posting, keyed by column."""
+        """The feature row of ``build_features`` for an open posting, keyed by column, but for
+        the :data:`HISTORY_COLUMNS` (:meth:`add_history` adds them)."""
         # The shop's own collection start (what the model learned) counts as well as the
         # request's events: features.FeatureContext._collecting_since.
         first_push = earliest_ns(
@@ -820,20 +831,23 @@ class FastFeatureBuilder:
         first_scan = None if first_scan == NAT_NS else first_scan
         pushes_collected = first_push is not None and as_of >= first_push
         scans_collected = first_scan is not None and as_of >= first_scan
-        history = lookup_history(self.aggregates, parsed, as_of)
         row: dict[str, Any] = {}
         row.update(build_price_since_purchase(parsed, as_of))
         row.update(build_carrier_and_promise(parsed, as_of, pushes_collected))
         row.update(build_timeline(parsed, as_of, pushes_collected, scans_collected))
         row.update(build_listing(parsed, as_of, pushes_collected))
-        row.update(build_buyer_and_order(parsed, history))
-        for column in (
-            "carrier_buyer_cancel_rate",
-            "sku_buyer_cancel_rate",
-            "region_buyer_cancel_rate",
-        ):
-            row[column] = history[column]
+        row.update(build_buyer_and_order(parsed))
         return row
+
+    def add_history(
+        self, rows: Sequence[dict[str, Any]], parsed: Sequence[ParsedRequest], as_of: Sequence[int]
+    ) -> None:
+        """Complete rows of :meth:`build_row` with their :data:`HISTORY_COLUMNS`, all looked up
+        in one call (concurrent requests and a batch call share it)."""
+        history = lookup_history(self.aggregates, parsed, as_of)
+        for k, row in enumerate(rows):
+            for column in HISTORY_COLUMNS:
+                row[column] = history[column][k]
 
 
 # The event kinds ParsedRequest keeps as pushes; features.PUSH_KINDS is the reference's list.

@@ -34,8 +34,10 @@ from core.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, build_features
 from core.ingest import tables_from_objects
 from core.model import RiskModel
 from serving.fast_path import (
+    HISTORY_COLUMNS,
     FastFeatureBuilder,
     NotCanonical,
+    ParsedRequest,
     build_closing,
     build_feature_frame,
     fast_path_supports,
@@ -71,13 +73,40 @@ class ScoreJob:
 
 @dataclass(frozen=True)
 class PreparedPosting:
-    """A posting's feature row, ready to be scored."""
+    """A posting's feature row, ready to be scored.
+
+    A fast-path row gets its history aggregates late (``waiting`` holds the builder and the
+    parsed request until then): :meth:`ModelScorer.score` looks them up for all its rows in one
+    call, and reading :attr:`row` first looks up this one alone.
+    """
 
     posting_number: str
     as_of: int
-    row: dict[str, Any]
+    features: dict[str, Any]
     path: ScoringPath
     lang: str
+    waiting: tuple[FastFeatureBuilder, ParsedRequest] | None = None
+
+    @property
+    def row(self) -> dict[str, Any]:
+        complete_history([self])
+        return self.features
+
+    @property
+    def needs_history(self) -> bool:
+        return self.waiting is not None and HISTORY_COLUMNS[0] not in self.features
+
+
+def complete_history(prepared: Sequence[PreparedPosting]) -> None:
+    """Add the history aggregates to the rows that wait for them, one lookup per builder."""
+    waiting = [p for p in prepared if p.needs_history]
+    for builder in {id(p.waiting[0]): p.waiting[0] for p in waiting}.values():  # type: ignore[index]
+        mine = [p for p in waiting if p.waiting[0] is builder]  # type: ignore[index]
+        builder.add_history(
+            [p.features for p in mine],
+            [p.waiting[1] for p in mine],  # type: ignore[index]
+            [p.as_of for p in mine],
+        )
 
 
 @dataclass(frozen=True)
@@ -166,7 +195,9 @@ class ModelScorer:
         )
         _raise_if(errors, not_open)
         row = self.fast.build_row(parsed, as_of)
-        return PreparedPosting(parsed.posting_number, as_of, row, "fast", job.lang)
+        return PreparedPosting(
+            parsed.posting_number, as_of, row, "fast", job.lang, waiting=(self.fast, parsed)
+        )
 
     def prepare_reference(self, job: ScoreJob, as_of: int, prefix: Loc) -> PreparedPosting:
         """The feature row by ``tables_from_objects`` and ``build_features``."""
@@ -222,6 +253,7 @@ class ModelScorer:
         """
         if not prepared:
             return []
+        complete_history(prepared)
         rows = [p.row for p in prepared]
         matrix = self.model.build_matrix_from_rows(rows)
         raw = self.model.predict_matrix_raw(matrix)

@@ -19,6 +19,7 @@ def test_the_route_benchmark_measures_every_route(trained_shop, trained_model_di
     assert set(report) == {
         "prepare_fast",
         "prepare_fast: history lookup",
+        "history lookup of all requests in one call",
         "prepare_reference",
         "prepare_reference: tables_from_objects",
         "prepare_reference: build_features",
