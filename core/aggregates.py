@@ -389,7 +389,9 @@ class CountsIndex:
     def __init__(self, counts: pd.DataFrame) -> None:
         keys = counts["key"]
         self.keys = pd.Index(pd.unique(keys.dropna()))
-        self.rows = PointInTimeIndex(self.keys.get_indexer(keys), to_ns(counts["at"]))
+        self.key_column = keys.reset_index(drop=True)
+        self.row_ns = to_ns(counts["at"])
+        self.rows = PointInTimeIndex(self.keys.get_indexer(keys), self.row_ns)
         names = [name for name in counts.columns if name not in ("key", "at")]
         self.position = {name: j for j, name in enumerate(names)}
         # One row per table row and a last row of zeros: what a query with no row gets.
@@ -436,7 +438,14 @@ class CountsIndex:
         strictly_before: bool = False,
     ) -> dict[str, np.ndarray]:
         """The cumulative ``columns`` for each (key, t); 0 where nothing came before."""
-        rows = self.rows.latest(self.codes(query_keys), query_ns, strictly_before=strictly_before)
+        if len(query_ns) <= SMALL_LOOKUP_SIZE:
+            codes = self.codes(query_keys)
+            rows = self.rows.latest(codes, query_ns, strictly_before=strictly_before)
+        else:  # a training set's million moments: one factorisation and merge_asof's merge
+            table_codes, codes = encode_keys(self.key_column, pd.Series(query_keys, copy=False))
+            rows = latest_row(
+                table_codes, self.row_ns, codes, query_ns, strictly_before=strictly_before
+            )
         values = self.values[np.where(rows >= 0, rows, len(self.values) - 1)]
         return {name: values[:, self.position[name]] for name in columns}
 
