@@ -24,7 +24,11 @@ from typing import Any
 
 import orjson
 
-from core.ingest.events import with_receipt_times
+from core.ingest.events import DELIVERED_STATES, with_receipt_times
+from core.ingest.history import POSTINGS_JSON_GLOB, build_reply_postings, csv_separator
+from core.ingest.jsonlines import BOM
+from core.ingest.postings import STATUS_PROGRESS
+from core.tables import TERMINAL_STATUSES
 from serving.fast_path import NotCanonical, build_closing, parse_request, parse_timestamp
 
 logger = logging.getLogger(__name__)
@@ -33,6 +37,8 @@ logger = logging.getLogger(__name__)
 _TIME_KEYS = ("changed_state_date", "in_process_at", "changed_at", "received_at", "at")
 _FOREVER = 2**62
 DATE_CHANGE_PUSH = "TYPE_DELIVERY_DATE_CHANGED"
+CANCELLED_PUSH = "TYPE_POSTING_CANCELLED"
+STATE_PUSH = "TYPE_STATE_CHANGED"
 _WEEK = 7 * 86_400 * 1_000_000_000
 
 
@@ -70,13 +76,38 @@ def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
     if not path.exists():
         return
     with path.open(encoding="utf-8-sig", newline="") as handle:
-        yield from csv.DictReader(handle)
+        separator = csv_separator(handle.readline())
+        handle.seek(0)
+        # As the loader reads the file: its separator, header names trimmed and lower-cased.
+        reader = csv.reader(handle, delimiter=separator)
+        header = [name.strip().lower() for name in next(reader, [])]
+        for values in reader:
+            if any(value.strip() for value in values):
+                yield dict(zip(header, (value.strip() for value in values), strict=False))
+
+
+def _reply_postings(directory: Path) -> Iterator[dict[str, Any]]:
+    """The posting objects of the saved replies (``postings*.json``), in the loader's order."""
+    for path in sorted(p for p in directory.glob(POSTINGS_JSON_GLOB) if p.is_file()):
+        try:
+            found = build_reply_postings(orjson.loads(path.read_bytes().removeprefix(BOM)))
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(found, str):
+            yield from (posting for posting in found[0] if isinstance(posting, dict))
 
 
 def load_history_records(history_dir: str | Path) -> HistoryRecords:
-    """Read ``postings.jsonl``, ``pushes.jsonl``, ``prices.csv`` and ``tracking.csv`` as objects."""
+    """Read the posting objects (``postings*.json`` replies, then ``postings.jsonl``, the order
+    the loader reads them in), ``pushes.jsonl``, ``prices.csv`` and ``tracking.csv`` as objects.
+
+    The cabinet's ``orders.csv`` holds no posting objects: a seller's system cannot send its
+    postings as the Seller API gives them.
+    """
     directory = Path(history_dir)
-    records = HistoryRecords(postings=list(_json_lines(directory / "postings.jsonl")))
+    records = HistoryRecords(
+        postings=[*_reply_postings(directory), *_json_lines(directory / "postings.jsonl")]
+    )
     # Pushes that the archive dates by their neighbours get that time as their own.
     for push in with_receipt_times(list(_json_lines(directory / "pushes.jsonl"))):
         if push.get("posting_number"):
@@ -88,6 +119,21 @@ def load_history_records(history_dir: str | Path) -> HistoryRecords:
     for row in _csv_rows(directory / "tracking.csv"):
         records.scans_by_posting[str(row.get("posting_number"))].append(row)
     return records
+
+
+def latest_posting_objects(records: HistoryRecords) -> dict[str, dict[str, Any]]:
+    """Per posting number, the object the loader's merge lets win: the most progressed status,
+    then the one read last (the posting as the seller's system last polled it)."""
+    winners: dict[str, tuple[int, dict[str, Any]]] = {}
+    for posting in records.postings:
+        number = posting.get("posting_number")
+        if number is None or number == "":
+            continue
+        progress = STATUS_PROGRESS.get(str(posting.get("status")), 0)
+        current = winners.get(str(number))
+        if current is None or progress >= current[0]:
+            winners[str(number)] = (progress, posting)
+    return {number: posting for number, (_, posting) in winners.items()}
 
 
 def _event_time(record: dict[str, Any]) -> int | None:
@@ -107,6 +153,14 @@ def _known(records: Iterable[dict[str, Any]], as_of: int, latest: int | None) ->
     timed.sort(key=lambda pair: pair[0])
     kept = [r for _, r in timed]
     return kept if latest is None else kept[-latest:]
+
+
+def _closes(push: dict[str, Any]) -> bool:
+    """Whether a push closes its posting (the loader's cancelled_at / delivered_at)."""
+    message_type = push.get("message_type")
+    if message_type == CANCELLED_PUSH:
+        return True
+    return message_type == STATE_PUSH and push.get("new_state") in DELIVERED_STATES
 
 
 def build_score_request(
@@ -129,16 +183,17 @@ def build_score_request(
     own_pushes = records.pushes_by_posting.get(number, ())
     pushes = _known(own_pushes, horizon, latest_per_kind)
     if known_only:
+        later = [
+            push for push in own_pushes if (at := _event_time(push)) is not None and at > as_of
+        ]
         # The posting object is the export's snapshot: its promise already holds the delivery
         # dates of changes after as_of. Those changes' pushes (the service reads none of them
         # before their time) tell it the promise in force at as_of, as the archive tells the batch.
-        pushes += [
-            push
-            for push in own_pushes
-            if push.get("message_type") == DATE_CHANGE_PUSH
-            and (at := _event_time(push)) is not None
-            and at > as_of
-        ]
+        pushes += [push for push in later if push.get("message_type") == DATE_CHANGE_PUSH]
+        if posting.get("status") in TERMINAL_STATUSES:
+            # Likewise its status may already say delivered or cancelled; the closing push tells
+            # the service that this happened after as_of, so the posting was open then.
+            pushes += [push for push in later if _closes(push)]
     for offer in sorted(offers):
         pushes += _known(records.edits_by_offer.get(offer, ()), horizon, latest_per_kind)
     prices = [

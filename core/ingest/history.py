@@ -185,6 +185,11 @@ def cut_overlong_lines(raw: bytes, file: str) -> tuple[bytes, dict[int, int]]:
     return b"".join(pieces), {int(k) + 1: int(lengths[k]) for k in overlong}
 
 
+def csv_separator(header_line: str) -> str:
+    """The separator a CSV file uses: whichever of ``;`` ``,`` tab its header holds most."""
+    return max((";", ",", "\t"), key=header_line.count)
+
+
 def load_csv_text(path: Path) -> CsvText:
     """Read a CSV for the column builders.
 
@@ -205,7 +210,7 @@ def load_csv_text(path: Path) -> CsvText:
     first_line = raw.split(b"\n", 1)[0].decode("utf-8").rstrip("\r")
     if not first_line.strip():
         raise HistoryError(f"{path.name} is empty: it has no header row")
-    separator = max((";", ",", "\t"), key=first_line.count)
+    separator = csv_separator(first_line)
     header = next(csv.reader([first_line], delimiter=separator))
     broken: list[tuple[int, int, str]] = []
 
