@@ -530,7 +530,7 @@ def archives(draw: st.DrawFn, seen: dict[str, list[Any]]) -> Archive:
     postings = [draw(postings_(k, seen)) for k in range(n)]
     edits = []
     for offer in OFFERS:
-        for _ in range(draw(st.integers(0, 2))):
+        for _ in range(draw(st.integers(1, 3))):
             at = _stamp(draw, BASE, -48, 24 * 25)
             push = {
                 "message_type": "TYPE_CREATE_OR_UPDATE_ITEM",
