@@ -71,6 +71,7 @@ from core.tables import PUSH_KINDS, SCAN_KINDS
 from serving.fast_path import build_feature_frame
 from serving.scoring import ModelScorer, ScoreJob, first_difference
 from serving.validation import RequestRejected
+from simulator.export import CABINET_HEADER
 
 MINUTE = 60 * 1_000_000_000
 HOUR = 60 * MINUTE
@@ -115,47 +116,10 @@ CABINET_STATUS = {
     "cancelled": ("Отменён", "Отменено"),
 }
 
-NEW_HEADER = [
-    "Номер заказа",
-    "Номер отправления",
-    "Принят в обработку",
-    "Дата отгрузки",
-    "Дата отгрузки без просрочки",
-    "Статус",
-    "Дата доставки",
-    "Фактическая дата передачи в доставку",
-    "Дата отмены",
-    "Сумма отправления",
-    "Код валюты отправления",
-    "Название товара",
-    "Цвет товара",
-    "Размер товара",
-    "SKU",
-    "Артикул",
-    "Ваша цена",
-    "Код валюты товара",
-    "Оплачено покупателем",
-    "Код валюты покупателя",
-    "Количество",
-    "Стоимость доставки",
-    "Связанные отправления",
-    "Выкуп товара",
-    "Цена товара до скидок",
-    "Скидка %",
-    "Скидка руб",
-    "Акции",
-    "Подъем на этаж",
-]
-NEW_TAIL = [
-    "Кластер отгрузки",
-    "Кластер доставки",
-    "Регион доставки",
-    "Город доставки",
-    "Способ доставки",
-    "Склад отгрузки",
-    "Способ отгрузки",
-    "Перевозчик",
-]
+# The newer header generation is the one the simulator writes; its last columns are optional.
+_TAIL_START = CABINET_HEADER.index("Кластер отгрузки")
+NEW_HEADER = CABINET_HEADER[:_TAIL_START]
+NEW_TAIL = CABINET_HEADER[_TAIL_START:]
 OLD_HEADER = [
     "Номер заказа",
     "Номер отправления",
