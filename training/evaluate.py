@@ -39,8 +39,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
 
-from core.calibration import Calibrator, fit_calibrator
-from training.fit import TrainingDataError, fit_risk_model
+from core.calibration import Calibrator
+from training.fit import TrainingDataError, fit_configured_calibrator, fit_risk_model
 
 if TYPE_CHECKING:
     from core.model import RiskModel
@@ -290,15 +290,7 @@ def fit_logistic_baseline(
     pipeline = build_logistic_pipeline(numeric, categorical, seed=config.lightgbm.seed)
     pipeline.fit(train[list(feature_columns)], train["label"].to_numpy(dtype="int64"))
     raw = pipeline.predict_proba(calibration[list(feature_columns)])[:, 1]
-    try:
-        calibrator = fit_calibrator(
-            config.calibration.method,
-            raw,
-            calibration["label"].to_numpy(),
-            config.calibration.min_probability,
-        )
-    except ValueError as exc:
-        raise TrainingDataError(str(exc)) from None
+    calibrator = fit_configured_calibrator(raw, calibration["label"].to_numpy(), config)
     return LogisticBaseline(pipeline, calibrator, tuple(feature_columns))
 
 

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import lightgbm as lgb
+import numpy as np
 import pandas as pd
 
-from core.calibration import fit_calibrator
+from core.calibration import Calibrator, fit_calibrator
 from core.model import (
     FeatureEncoder,
     RiskModel,
@@ -30,6 +31,19 @@ logger = logging.getLogger(__name__)
 
 class TrainingDataError(Exception):
     """The training set cannot train a model (an empty split, a single class)."""
+
+
+def fit_configured_calibrator(
+    raw: np.ndarray, labels: np.ndarray, config: TrainingConfig
+) -> Calibrator:
+    """The configured calibrator fitted on ``raw`` scores; a set it cannot fit on is a
+    :class:`TrainingDataError` naming why."""
+    try:
+        return fit_calibrator(
+            config.calibration.method, raw, labels, config.calibration.min_probability
+        )
+    except ValueError as exc:
+        raise TrainingDataError(str(exc)) from None
 
 
 def fit_risk_model(
@@ -81,15 +95,7 @@ def fit_risk_model(
 
     calibration = splits["calibration"]
     raw = booster.predict(encoder.build_matrix(calibration))
-    try:
-        calibrator = fit_calibrator(
-            config.calibration.method,
-            raw,
-            calibration["label"].to_numpy(),
-            config.calibration.min_probability,
-        )
-    except ValueError as exc:
-        raise TrainingDataError(str(exc)) from None
+    calibrator = fit_configured_calibrator(raw, calibration["label"].to_numpy(), config)
     meta = {
         "best_iteration": int(best_iteration),
         # The thresholds' inputs: explanations price their decisions with the same costs.
