@@ -801,10 +801,6 @@ def build_buyer_and_order(parsed: ParsedRequest) -> dict[str, Any]:
     }
 
 
-def _ns_or_nat(moment: int | None) -> int:
-    return NAT_NS if moment is None else moment
-
-
 # --- the builder -------------------------------------------------------------------------------
 
 
@@ -819,18 +815,8 @@ class FastFeatureBuilder:
     def build_row(self, parsed: ParsedRequest, as_of: int) -> dict[str, Any]:
         """The feature row of ``build_features`` for an open posting, keyed by column, but for
         the :data:`HISTORY_COLUMNS` (:meth:`add_history` adds them)."""
-        # The shop's own collection start (what the model learned) counts as well as the
-        # request's events: features.FeatureContext._collecting_since.
-        first_push = earliest_ns(
-            _ns_or_nat(parsed.first_push_at), self.aggregates.collecting_since(PUSH_KINDS)
-        )
-        first_scan = earliest_ns(
-            _ns_or_nat(parsed.first_scan_at), self.aggregates.collecting_since(SCAN_KINDS)
-        )
-        first_push = None if first_push == NAT_NS else first_push
-        first_scan = None if first_scan == NAT_NS else first_scan
-        pushes_collected = first_push is not None and as_of >= first_push
-        scans_collected = first_scan is not None and as_of >= first_scan
+        pushes_collected = self._collected(parsed.first_push_at, PUSH_KINDS, as_of)
+        scans_collected = self._collected(parsed.first_scan_at, SCAN_KINDS, as_of)
         row: dict[str, Any] = {}
         row.update(build_price_since_purchase(parsed, as_of))
         row.update(build_carrier_and_promise(parsed, as_of, pushes_collected))
@@ -838,6 +824,14 @@ class FastFeatureBuilder:
         row.update(build_listing(parsed, as_of, pushes_collected))
         row.update(build_buyer_and_order(parsed))
         return row
+
+    def _collected(self, first_at: int | None, kinds: tuple[str, ...], as_of: int) -> bool:
+        """Whether events of ``kinds`` were being archived at ``as_of``: since the request's
+        first one or the shop's own start that the model learned, whichever is earlier
+        (``features.FeatureContext._collecting_since``)."""
+        own = NAT_NS if first_at is None else first_at
+        since = earliest_ns(own, self.aggregates.collecting_since(kinds))
+        return since != NAT_NS and as_of >= since
 
     def add_history(
         self, rows: Sequence[dict[str, Any]], parsed: Sequence[ParsedRequest], as_of: Sequence[int]
