@@ -75,9 +75,9 @@ class ScoreJob:
 class PreparedPosting:
     """A posting's feature row, ready to be scored.
 
-    A fast-path row gets its history aggregates late (``waiting`` holds the builder and the
-    parsed request until then): :meth:`ModelScorer.score` looks them up for all its rows in one
-    call, and reading :attr:`row` first looks up this one alone.
+    A fast-path row gets its history aggregates late (``builder`` and ``parsed`` are kept for
+    it): :meth:`ModelScorer.score` looks them up for all its rows in one call, and reading
+    :attr:`row` first looks up this one alone.
     """
 
     posting_number: str
@@ -85,7 +85,8 @@ class PreparedPosting:
     features: dict[str, Any]
     path: ScoringPath
     lang: str
-    waiting: tuple[FastFeatureBuilder, ParsedRequest] | None = None
+    builder: FastFeatureBuilder | None = None
+    parsed: ParsedRequest | None = None
 
     @property
     def row(self) -> dict[str, Any]:
@@ -94,18 +95,16 @@ class PreparedPosting:
 
     @property
     def needs_history(self) -> bool:
-        return self.waiting is not None and HISTORY_COLUMNS[0] not in self.features
+        return self.builder is not None and HISTORY_COLUMNS[0] not in self.features
 
 
 def complete_history(prepared: Sequence[PreparedPosting]) -> None:
     """Add the history aggregates to the rows that wait for them, one lookup per builder."""
     waiting = [p for p in prepared if p.needs_history]
-    for builder in {id(p.waiting[0]): p.waiting[0] for p in waiting}.values():  # type: ignore[index]
-        mine = [p for p in waiting if p.waiting[0] is builder]  # type: ignore[index]
-        builder.add_history(
-            [p.features for p in mine],
-            [p.waiting[1] for p in mine],  # type: ignore[index]
-            [p.as_of for p in mine],
+    for builder in {id(p.builder): p.builder for p in waiting}.values():
+        mine = [p for p in waiting if p.builder is builder]
+        builder.add_history(  # type: ignore[union-attr]
+            [p.features for p in mine], [p.parsed for p in mine], [p.as_of for p in mine]
         )
 
 
@@ -196,7 +195,7 @@ class ModelScorer:
         _raise_if(errors, not_open)
         row = self.fast.build_row(parsed, as_of)
         return PreparedPosting(
-            parsed.posting_number, as_of, row, "fast", job.lang, waiting=(self.fast, parsed)
+            parsed.posting_number, as_of, row, "fast", job.lang, builder=self.fast, parsed=parsed
         )
 
     def prepare_reference(self, job: ScoreJob, as_of: int, prefix: Loc) -> PreparedPosting:
