@@ -539,8 +539,7 @@ def prepare(args: argparse.Namespace, work: Path, env: dict[str, str]) -> Worklo
     import mlflow.lightgbm
 
     from core.model import RiskModel
-    from serving.fast_path import build_feature_frame
-    from serving.scoring import ModelScorer, ScoreJob
+    from serving.scoring import ModelScorer, ScoreJob, build_feature_frame
 
     model_dir, history = model_and_history(args, work, env)
     model = RiskModel.load(model_dir)

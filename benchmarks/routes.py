@@ -5,13 +5,13 @@ e.g. ``make demo``'s). For ``--requests`` postings open at the history's latest 
 sent as the seller's system would send it (:func:`cancel_risk.examples.open_score_requests`),
 it measures per request, in this process, medians of ``--repeats`` passes:
 
-- ``prepare_fast``: the service's row for a canonical request (``serving.fast_path``) but for
-  the history aggregates, and their lookup (``HistoryAggregates.lookup_columns``, the code
-  ``build_features`` runs) for one request and for all of them in one call, as a micro-batch
-  of concurrent requests or a batch call does it;
+- ``prepare_fast``: the checks of a canonical request by the request lane
+  (``serving.request_lane``), its parsing alone, and the one feature definition
+  (``build_feature_columns``) on its columns, for one request and for all of them in one
+  pass, as a micro-batch of concurrent requests or a batch call does it;
 - ``prepare_reference``: ``tables_from_objects`` + ``build_features``, the batch's code on the
   request's records, split into its two halves;
-- ``score``: the history lookup, probability, level and reasons of one prepared row.
+- ``score``: probability, level and reasons of one row whose features are computed.
 
 Then ``latest_row`` ("the latest row of each key at t") by its two algorithms on tables and
 queries of growing size: the sorted index (:class:`core.aggregates.PointInTimeIndex`) and
@@ -37,8 +37,8 @@ from core.features import build_features
 from core.ingest import tables_from_objects
 from core.model import RiskModel
 from core.pyfunc import load_risk_model
-from serving.fast_path import lookup_history, parse_request
-from serving.scoring import ModelScorer, ScoreJob
+from serving.request_lane import parse_request
+from serving.scoring import ModelScorer, ScoreJob, complete_rows
 
 LATEST_ROW_SIZES = ((20, 1), (200, 5), (2_000, 200), (10_000, 5_000), (50_000, 50_000))
 
@@ -74,19 +74,24 @@ def measure_routes(
         ScoreJob(b["posting"], b["pushes"], b["prices"], b["tracking"], as_of, "en") for b in bodies
     ]
     scorer = ModelScorer(model)
-    parsed = [parse_request(j.posting, j.pushes, j.prices, j.tracking) for j in jobs]
     moment = pd.Timestamp(as_of, tz="UTC")
     tables = [
         tables_from_objects([j.posting], pushes=j.pushes, prices=j.prices, tracking=j.tracking)
         for j in jobs
     ]
     prepared = [scorer.prepare_fast(job, as_of, ()) for job in jobs]
+    complete_rows(prepared)
+
+    def waiting(ready: Sequence[Any]) -> list[Any]:
+        return [replace(p, features=None) for p in ready]
+
     routes: dict[str, Callable[[Any], object]] = {
-        "prepare_fast": lambda job: scorer.prepare_fast(job, as_of, ()),
-        "prepare_fast: history lookup": lambda p: lookup_history(model.aggregates, [p], [as_of]),
-        "history lookup of all requests in one call": lambda ps: lookup_history(
-            model.aggregates, ps, [as_of] * len(ps)
+        "prepare_fast (checks, features to come)": lambda job: scorer.prepare_fast(job, as_of, ()),
+        "prepare_fast: parse_request": lambda j: parse_request(
+            j.posting, j.pushes, j.prices, j.tracking
         ),
+        "features of one request": lambda p: complete_rows(waiting([p])),
+        "features of all requests in one pass": lambda ps: complete_rows(waiting(ps)),
         "prepare_reference": lambda job: scorer.prepare_reference(job, as_of, ()),
         "prepare_reference: tables_from_objects": lambda j: tables_from_objects(
             [j.posting], pushes=j.pushes, prices=j.prices, tracking=j.tracking
@@ -95,9 +100,10 @@ def measure_routes(
         "score (one row)": lambda p: scorer.score([replace(p, features=dict(p.features))]),
     }
     inputs = {
-        "prepare_fast": jobs,
-        "prepare_fast: history lookup": parsed,
-        "history lookup of all requests in one call": [parsed],
+        "prepare_fast (checks, features to come)": jobs,
+        "prepare_fast: parse_request": jobs,
+        "features of one request": prepared,
+        "features of all requests in one pass": [prepared],
         "prepare_reference": jobs,
         "prepare_reference: tables_from_objects": jobs,
         "prepare_reference: build_features": tables,

@@ -29,7 +29,7 @@ from core.ingest.history import POSTINGS_JSON_GLOB, build_reply_postings, csv_se
 from core.ingest.jsonlines import BOM
 from core.ingest.postings import STATUS_PROGRESS
 from core.tables import TERMINAL_STATUSES
-from serving.fast_path import NotCanonical, build_closing, parse_request, parse_timestamp
+from serving.request_lane import NotCanonical, build_closing, parse_request, parse_timestamp
 
 logger = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -91,14 +92,38 @@ def from_ns(values: np.ndarray) -> pd.Series:
     return pd.Series(np.asarray(values, dtype="int64").view("datetime64[ns]")).dt.tz_localize("UTC")
 
 
-def encode_keys(table_keys: pd.Series, query_keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+# Up to this many keys a call codes them with a Python dict: pandas' and Arrow's hashing cost
+# tens of microseconds per call whatever the size, which is what the one posting of a REST
+# request would pay on every call. Both ways give the same codes (tests/test_aggregates.py).
+SMALL_KEYS = 512
+
+
+def plain_keys(values: Any) -> list[Any] | None:
+    """Few keys as Python values (``None`` where missing); None when there are more than
+    :data:`SMALL_KEYS`."""
+    if len(values) > SMALL_KEYS:
+        return None
+    listed = values.tolist() if hasattr(values, "tolist") else list(values)
+    return [None if v is None or v is pd.NA or v != v else v for v in listed]
+
+
+def encode_keys(table_keys: Any, query_keys: Any) -> tuple[np.ndarray, np.ndarray]:
     """Integer codes for two key columns on one shared scale; missing keys get -1.
 
-    ``merge_asof`` compares ``by`` keys fastest as integers, and strings from different tables
-    must map to the same code.
+    Codes follow the first appearance of each key, table first. ``merge_asof`` compares ``by``
+    keys fastest as integers, and strings from different tables must map to the same code.
     """
-    table = pd.Series(table_keys).reset_index(drop=True)
-    query = pd.Series(query_keys).reset_index(drop=True)
+    table_plain, query_plain = plain_keys(table_keys), plain_keys(query_keys)
+    if table_plain is not None and query_plain is not None:
+        code_of: dict[Any, int] = {}
+        for key in table_plain + query_plain:
+            if key is not None and key not in code_of:
+                code_of[key] = len(code_of)
+        table_codes = [-1 if key is None else code_of[key] for key in table_plain]
+        query_codes = [-1 if key is None else code_of[key] for key in query_plain]
+        return np.array(table_codes, dtype="int64"), np.array(query_codes, dtype="int64")
+    table = pd.Series(table_keys, copy=False).reset_index(drop=True)
+    query = pd.Series(query_keys, copy=False).reset_index(drop=True)
     if table.dtype != query.dtype:
         query = query.astype(table.dtype)
     codes, _ = pd.factorize(pd.concat([table, query], ignore_index=True), use_na_sentinel=True)
@@ -202,18 +227,26 @@ class PointInTimeIndex:
         return np.where((found >= 0) & (self.keys[at] == query_keys), self.rows[at], -1)
 
 
-def positions_of(keys: pd.Series | pd.Index, queries: pd.Series | pd.Index) -> np.ndarray:
+def positions_of(keys: Any, queries: Any) -> np.ndarray:
     """The position of each query among ``keys`` (unique strings), -1 when absent or missing.
 
     What ``pd.Index(keys).get_indexer(queries)`` gives, hashed by Arrow: about five times
-    faster on the millions of posting numbers of events and items.
+    faster on the millions of posting numbers of events and items; few keys take a dict.
     """
+    small_keys, small_queries = plain_keys(keys), plain_keys(queries)
+    if small_keys is not None and small_queries is not None:
+        position: dict[str, int] = {}
+        for i, key in enumerate(small_keys):
+            if key is not None:
+                position.setdefault(str(key), i)
+        found = [-1 if q is None else position.get(str(q), -1) for q in small_queries]
+        return np.array(found, dtype="int64")
     value_set = _arrow_strings(keys)
     found = pc.index_in(_arrow_strings(queries).cast(value_set.type), value_set=value_set)
     return found.fill_null(-1).to_numpy().astype("int64")
 
 
-def _arrow_strings(values: pd.Series | pd.Index) -> pa.Array:
+def _arrow_strings(values: Any) -> pa.Array:
     array = pa.array(pd.Series(values, copy=False).astype("string").array)
     return array if isinstance(array, pa.Array) else array.combine_chunks()
 

@@ -31,15 +31,26 @@ from core.aggregates import (
     build_resolutions,
     earliest_ns,
     encode_keys,
-    first_event_ns,
     from_ns,
     gather,
     latest_row,
+    plain_keys,
     positions_of,
     running_count,
     to_ns,
     to_utc,
     weighted_mean_by_row,
+)
+from core.columns import (
+    Array,
+    Columns,
+    HistoryColumns,
+    is_missing,
+    key_text,
+    lookup_keys,
+    map_keys,
+    sort_codes,
+    take_keys,
 )
 from core.tables import PUSH_KINDS, SCAN_KINDS, HistoryTables
 
@@ -141,9 +152,10 @@ HANDED_OVER_STAGE = 1
 TOLERATED_SILENCE_HOURS = 48.0
 
 
-# A feature column: floats as numpy, strings as a pandas string array (a round trip of strings
-# through Python objects costs more than all the numeric work of a family).
-ColumnValues = np.ndarray | pd.api.extensions.ExtensionArray
+# A feature column: floats as numpy, text as the keys of the history (core.columns): a pandas
+# string array from tables (a round trip of strings through Python objects costs more than all
+# the numeric work of a family), an object array from a request.
+ColumnValues = Array
 
 
 # --- small numeric helpers --------------------------------------------------------------------
@@ -196,11 +208,20 @@ def _expand(group_of_moment: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray
     return moment_idx, np.repeat(starts[groups], per_moment) + offset
 
 
-def _collected_at(first_ns: int, as_of_ns: np.ndarray) -> np.ndarray:
-    """Whether an input first seen at ``first_ns`` was being collected at each ``as_of``."""
-    if first_ns == NAT_NS:
-        return np.zeros(len(as_of_ns), dtype=bool)
-    return as_of_ns >= first_ns
+def _collected_at(first_ns: int | np.ndarray, as_of_ns: np.ndarray) -> np.ndarray:
+    """Whether an input first seen at ``first_ns`` (per moment, or one time for all) was being
+    collected at each ``as_of``."""
+    first_ns = np.asarray(first_ns, dtype="int64")
+    return (first_ns != NAT_NS) & (as_of_ns >= first_ns)
+
+
+def _earliest(first_ns: int | np.ndarray, other_ns: int) -> int | np.ndarray:
+    """:func:`earliest_ns` of a time per posting (or one) and one other time."""
+    if np.ndim(first_ns) == 0:
+        return earliest_ns(int(first_ns), other_ns)
+    if other_ns == NAT_NS:
+        return first_ns
+    return np.where(first_ns == NAT_NS, other_ns, np.minimum(first_ns, other_ns))
 
 
 # --- the shared context -----------------------------------------------------------------------
@@ -210,62 +231,60 @@ class FeatureContext:
     """What the feature families share for one batch of moments, each part computed once.
 
     Moments are addressed by position 0..n-1; ``posting_row`` is the moment's posting's position
-    in ``tables.postings`` (-1 for a posting the tables do not hold).
+    in ``history.postings`` (-1 for a posting the history does not hold).
     """
 
     def __init__(
-        self, tables: HistoryTables, moments: pd.DataFrame, aggregates: HistoryAggregates
+        self,
+        history: HistoryColumns,
+        posting_numbers: Array,
+        as_of_ns: np.ndarray,
+        aggregates: HistoryAggregates,
     ) -> None:
-        self.tables = tables
+        self.history = history
         self.aggregates = aggregates
-        self.n = len(moments)
-        self.as_of_ns = to_ns(moments["as_of"])
-        self.posting_numbers = tables.postings["posting_number"]
-        self.posting_row = positions_of(self.posting_numbers, moments["posting_number"])
+        self.n = len(as_of_ns)
+        self.as_of_ns = as_of_ns
+        self.posting_numbers = history.postings["posting_number"]
+        self.posting_row = positions_of(self.posting_numbers, posting_numbers)
         self.ordered_ns = self.posting_ns("ordered_at")
-        self._events_by_kind: dict[str, pd.DataFrame] = {}
         self._event_rows_by_kind: dict[str, np.ndarray] = {}
 
     def posting_ns(self, column: str) -> np.ndarray:
         """A timestamp column of each moment's posting, as int64 ns (NaT for unknown postings)."""
-        return gather(to_ns(self.tables.postings[column]), self.posting_row, fill=NAT_NS)
+        return gather(self.history.postings[column], self.posting_row, fill=NAT_NS)
 
-    def posting_values(self, column: str) -> pd.Series:
-        """A column of each moment's posting, NA for unknown postings, keeping the column dtype."""
-        array = self.tables.postings[column].array
-        return pd.Series(array.take(self.posting_row, allow_fill=True))
+    def posting_values(self, column: str) -> Array:
+        """A key column of each moment's posting, missing for unknown postings."""
+        return take_keys(self.history.postings[column], self.posting_row)
 
-    def events_of(self, kind: str) -> pd.DataFrame:
-        """Events of one kind with a known time, with ``at_ns`` added (selected once per kind)."""
-        if kind not in self._events_by_kind:
-            events = self.tables.events
-            chosen = events["kind"].eq(kind).to_numpy(dtype=bool, na_value=False)
-            chosen &= events["at"].notna().to_numpy()
-            positions = np.flatnonzero(chosen)
-            selected = events.take(positions)
-            self._events_by_kind[kind] = selected.assign(at_ns=to_ns(selected["at"]))
-            self._event_rows_by_kind[kind] = self._all_event_posting_rows[positions]
-        return self._events_by_kind[kind]
+    def posting_numbers_of(self, column: str) -> np.ndarray:
+        """A number column of each moment's posting, NaN for unknown postings."""
+        return gather(self.history.postings[column], self.posting_row)
+
+    def events_of(self, kind: str) -> Columns:
+        """Events of one kind with a known time."""
+        return self.history.events(kind)
 
     def event_posting_rows(self, kind: str) -> np.ndarray:
         """The posting row of each of :meth:`events_of` ``kind`` (-1 for unknown postings)."""
-        self.events_of(kind)
+        if kind not in self._event_rows_by_kind:
+            numbers = self.events_of(kind)["posting_number"]
+            self._event_rows_by_kind[kind] = positions_of(self.posting_numbers, numbers)
         return self._event_rows_by_kind[kind]
 
-    @cached_property
-    def _all_event_posting_rows(self) -> np.ndarray:
-        """The posting row of every event (-1: none or unknown), looked up in one pass."""
-        return positions_of(self.posting_numbers, self.tables.events["posting_number"])
-
-    def _collecting_since(self, kinds: tuple[str, ...]) -> int:
-        """Since when the shop archives events of ``kinds``: the earliest such event of these
-        tables or of the history the aggregates learned (a REST request holds one posting's
-        events only, and a posting without scans yet is still one of a shop that collects them).
+    def _collecting_since(self, kinds: tuple[str, ...]) -> int | np.ndarray:
+        """Since when the shop archives events of ``kinds``, per moment (or one time for all):
+        the earliest such event of the history or of the history the aggregates learned (a
+        REST request holds one posting's events only, and a posting without scans yet is still
+        one of a shop that collects them).
         """
-        return earliest_ns(
-            first_event_ns(self.tables.events, kinds),
-            self.aggregates.collecting_since(kinds),
+        since = _earliest(
+            self.history.first_event_ns(kinds), self.aggregates.collecting_since(kinds)
         )
+        if np.ndim(since) == 0:
+            return since
+        return gather(since, self.posting_row, NAT_NS)
 
     @cached_property
     def pushes_collected(self) -> np.ndarray:
@@ -278,94 +297,86 @@ class FeatureContext:
         return _collected_at(self._collecting_since(SCAN_KINDS), self.as_of_ns)
 
     @cached_property
-    def items(self) -> pd.DataFrame:
+    def items(self) -> Columns:
         """Product lines of known postings in a canonical order (posting, then line).
 
         The canonical order makes every per-moment sum add its lines in the same order whatever
-        the order of the input rows, so shuffled tables give identical numbers.
+        the order of the input rows, so shuffled tables give identical numbers. ``posting_row``
+        and ``value`` (unit price times quantity) are added.
         """
-        items = self.tables.items
+        items = self.history.items
         posting_row = positions_of(self.posting_numbers, items["posting_number"])
-        frame = pd.DataFrame(
-            {
-                "posting_row": posting_row.astype("int64"),
-                "line_no": items["line_no"].to_numpy(dtype="float64", na_value=np.nan),
-                "offer_id": items["offer_id"].astype("string").array,
-                "sku": items["sku"].astype("Int64").array,
-                "quantity": items["quantity"].to_numpy(dtype="float64", na_value=np.nan),
-                "unit_price": items["unit_price"].to_numpy(dtype="float64", na_value=np.nan),
-                "currency_code": items["currency_code"].astype("string").array,
-            }
+        known = np.flatnonzero(posting_row >= 0)
+        lines = items.take(known)
+        posting_row = posting_row[known]
+        order = np.lexsort(
+            (
+                sort_codes(lines["currency_code"]),
+                lines["unit_price"],
+                lines["quantity"],
+                sort_codes(lines["sku"]),
+                sort_codes(lines["offer_id"]),
+                lines["line_no"],
+                posting_row,
+            )
         )
-        frame = frame[frame["posting_row"] >= 0]
-        frame = frame.sort_values(
-            [
-                "posting_row",
-                "line_no",
-                "offer_id",
-                "sku",
-                "quantity",
-                "unit_price",
-                "currency_code",
-            ],
-            kind="stable",
-        ).reset_index(drop=True)
-        frame["value"] = frame["unit_price"] * frame["quantity"]
-        return frame
+        ordered = lines.take(order)
+        quantity, unit_price = ordered["quantity"], ordered["unit_price"]
+        return Columns(
+            len(order),
+            {
+                "posting_row": posting_row[order],
+                "line_no": ordered["line_no"],
+                "offer_id": ordered["offer_id"],
+                "sku": ordered["sku"],
+                "quantity": quantity,
+                "unit_price": unit_price,
+                "currency_code": ordered["currency_code"],
+                "value": unit_price * quantity,
+            },
+        )
 
     @cached_property
     def moment_lines(self) -> tuple[np.ndarray, np.ndarray]:
         """(moment, item) position pairs: every product line of every moment's posting."""
-        counts = np.bincount(
-            self.items["posting_row"].to_numpy(), minlength=len(self.posting_numbers)
-        )
+        counts = np.bincount(self.items["posting_row"], minlength=len(self.posting_numbers))
         return _expand(self.posting_row, counts)
 
     @cached_property
-    def history(self) -> pd.DataFrame:
+    def history_values(self) -> dict[str, np.ndarray]:
         """The learned history aggregates looked up at each moment (point in time)."""
-        keys = pd.DataFrame(
-            {
-                "carrier_id": self.posting_values("carrier_id"),
-                "region": self.posting_values("region"),
-                "customer_id": self.posting_values("customer_id"),
-                "ordered_at": from_ns(self.ordered_ns),
-                "as_of": from_ns(self.as_of_ns),
-            }
-        )
         moment_idx, item_idx = self.moment_lines
-        lines = pd.DataFrame(
-            {
-                "row": moment_idx,
-                "sku": self.items["sku"].array.take(item_idx),
-                "weight": self.items["value"].to_numpy()[item_idx],
-            }
+        return self.aggregates.lookup_columns(
+            carrier_id=lookup_keys(self.posting_values("carrier_id")),
+            region=lookup_keys(self.posting_values("region")),
+            customer_id=lookup_keys(self.posting_values("customer_id")),
+            ordered_ns=self.ordered_ns,
+            as_of_ns=self.as_of_ns,
+            line_row=moment_idx,
+            line_sku=lookup_keys(self.items["sku"][item_idx]),
+            line_weight=self.items["value"][item_idx],
         )
-        return self.aggregates.lookup(keys, lines).reset_index(drop=True)
 
 
 # --- promise at a moment ----------------------------------------------------------------------
 
 
 def _promise_at(
-    tables: HistoryTables, posting_row: np.ndarray, at_ns: np.ndarray
+    history: HistoryColumns, posting_row: np.ndarray, at_ns: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The promised delivery (begin, end) in force at ``at_ns`` and the changes known by then.
 
     After a delivery-date change the promise is its new dates; before the first change it is
     that change's old dates; a posting without changes keeps the snapshot's promise.
     """
-    snapshot_begin = gather(
-        to_ns(tables.postings["promised_delivery_begin_at"]), posting_row, NAT_NS
-    )
-    snapshot_end = gather(to_ns(tables.postings["promised_delivery_end_at"]), posting_row, NAT_NS)
+    postings = history.postings
+    snapshot_begin = gather(postings["promised_delivery_begin_at"], posting_row, NAT_NS)
+    snapshot_end = gather(postings["promised_delivery_end_at"], posting_row, NAT_NS)
     no_changes = np.zeros(len(at_ns))
-    events = tables.events
-    changes = events[events["kind"].eq("delivery_date_change").to_numpy(dtype=bool, na_value=False)]
-    changes = changes[changes["at"].notna().to_numpy()]
-    row = positions_of(tables.postings["posting_number"], changes["posting_number"])
-    changes, row = changes[row >= 0], row[row >= 0]
-    if len(changes) == 0:
+    changes = history.events("delivery_date_change")
+    row = positions_of(postings["posting_number"], changes["posting_number"])
+    known = np.flatnonzero(row >= 0)
+    if len(known) == 0:
         return snapshot_begin, snapshot_end, no_changes
 
     columns = [
@@ -374,8 +385,9 @@ def _promise_at(
         "old_delivery_begin_at",
         "old_delivery_end_at",
     ]
-    dates = {name: to_ns(changes[name]) for name in columns}
-    at = to_ns(changes["at"])
+    row = row[known]
+    dates = {name: changes[name][known] for name in columns}
+    at = changes["at"][known]
     # posting, then time, then the dates themselves: simultaneous changes resolve the same way
     # whatever the row order.
     order = np.lexsort([dates[name] for name in reversed(columns)] + [at, row])
@@ -405,8 +417,9 @@ def build_promise_at(tables: HistoryTables, moments: pd.DataFrame) -> pd.DataFra
     Returns ``promised_delivery_begin_at``, ``promised_delivery_end_at`` and
     ``delivery_date_changes`` (changes known at ``as_of``), indexed like ``moments``.
     """
-    posting_row = positions_of(tables.postings["posting_number"], moments["posting_number"])
-    begin, end, changes = _promise_at(tables, posting_row, to_ns(moments["as_of"]))
+    history = HistoryColumns.from_tables(tables)
+    posting_row = positions_of(history.postings["posting_number"], moments["posting_number"])
+    begin, end, changes = _promise_at(history, posting_row, to_ns(moments["as_of"]))
     return pd.DataFrame(
         {
             "promised_delivery_begin_at": from_ns(begin).array,
@@ -497,12 +510,19 @@ class _PriceLog:
         return (currency >= 0) & (self.count(self.with_currency, start, stop) > same)
 
 
-def _encode_sorted(table_keys: pd.Series, query_keys: pd.Series) -> tuple[np.ndarray, np.ndarray]:
-    """Like :func:`encode_keys`, but the codes follow the keys' sort order, not the row order.
+def _encode_sorted(table_keys: Array, query_keys: Array) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`encode_keys`, but the codes follow the keys' sort order as text, not the
+    row order.
 
     Currency codes break ties between simultaneous price rows: codes by first appearance would
     let the order of the input rows decide which of them is in force.
     """
+    table_plain, query_plain = plain_keys(table_keys), plain_keys(query_keys)
+    if table_plain is not None and query_plain is not None:
+        text = [None if key is None else str(key) for key in table_plain + query_plain]
+        rank = {key: code for code, key in enumerate(sorted({k for k in text if k is not None}))}
+        codes = np.array([-1 if key is None else rank[key] for key in text], dtype="int64")
+        return codes[: len(table_plain)], codes[len(table_plain) :]
     table = pd.Series(table_keys, dtype="string").reset_index(drop=True)
     query = pd.Series(query_keys, dtype="string").reset_index(drop=True)
     codes, _ = pd.factorize(pd.concat([table, query], ignore_index=True), sort=True)
@@ -528,28 +548,26 @@ def build_price_since_purchase(ctx: FeatureContext) -> dict[str, ColumnValues]:
     """
     out = _empty_family(ctx, "price_since_purchase")
     prices = ctx.events_of("price")
-    prices = prices[prices["offer_id"].notna().to_numpy() & prices["price"].notna().to_numpy()]
+    prices = prices.take(
+        np.flatnonzero(~is_missing(prices["offer_id"]) & ~np.isnan(prices["price"]))
+    )
     moment_idx, item_idx = ctx.moment_lines
     if len(prices) == 0 or len(moment_idx) == 0:
         return out
     items = ctx.items
-    offer, item_offer = encode_keys(prices["offer_id"].astype("string"), items["offer_id"])
-    currency, item_currency = _encode_sorted(
-        prices["currency_code"].astype("string"), items["currency_code"]
-    )
+    offer, item_offer = encode_keys(prices["offer_id"], items["offer_id"])
+    currency, item_currency = _encode_sorted(prices["currency_code"], items["currency_code"])
     log = _PriceLog.build(
         offer,
-        prices["at_ns"].to_numpy(),
-        prices["price"].to_numpy(dtype="float64", na_value=np.nan),
-        prices["old_price"].to_numpy(dtype="float64", na_value=np.nan),
+        prices["at"],
+        prices["price"],
+        prices["old_price"],
         currency,
         n_currencies=int(max(currency.max(initial=-1), item_currency.max(initial=-1))) + 1,
     )
 
     # The row in force at purchase is found once per line, the one at as_of per moment-line.
-    item_ordered_ns = gather(
-        to_ns(ctx.tables.postings["ordered_at"]), items["posting_row"].to_numpy(), NAT_NS
-    )
+    item_ordered_ns = gather(ctx.history.postings["ordered_at"], items["posting_row"], NAT_NS)
     at_purchase = log.in_force(item_offer, item_ordered_ns)[item_idx]
     line_offer, line_currency = item_offer[item_idx], item_currency[item_idx]
     now = log.in_force(line_offer, ctx.as_of_ns[moment_idx])
@@ -559,7 +577,7 @@ def build_price_since_purchase(ctx: FeatureContext) -> dict[str, ColumnValues]:
     after_purchase = np.where(at_purchase >= 0, at_purchase + 1, first)  # changes after it
     in_force_since = np.where(at_purchase >= 0, at_purchase, first)  # prices a buyer could see
 
-    paid = items["unit_price"].to_numpy()[item_idx]
+    paid = items["unit_price"][item_idx]
     now_currency = gather(log.currency, now, -1)
     same_currency = (line_currency < 0) | (now_currency < 0) | (line_currency == now_currency)
     lowest = _range_min(log.price, np.where(known, in_force_since, -1), now)
@@ -575,7 +593,7 @@ def build_price_since_purchase(ctx: FeatureContext) -> dict[str, ColumnValues]:
             known, log.count(log.promotions, after_purchase, stop) > 0, np.nan
         ),
     }
-    weights = items["value"].to_numpy()[item_idx]
+    weights = items["value"][item_idx]
     for column, values in per_line.items():
         out[column] = weighted_mean_by_row(moment_idx, values, weights, ctx.n)
     return out
@@ -583,11 +601,11 @@ def build_price_since_purchase(ctx: FeatureContext) -> dict[str, ColumnValues]:
 
 def build_carrier_and_promise(ctx: FeatureContext) -> dict[str, ColumnValues]:
     """Carrier, promised lead time, time left to the deadlines, delivery-date changes known."""
-    _, end_now, changes = _promise_at(ctx.tables, ctx.posting_row, ctx.as_of_ns)
-    _, end_at_order, _ = _promise_at(ctx.tables, ctx.posting_row, ctx.ordered_ns)
+    _, end_now, changes = _promise_at(ctx.history, ctx.posting_row, ctx.as_of_ns)
+    _, end_at_order, _ = _promise_at(ctx.history, ctx.posting_row, ctx.ordered_ns)
     pushes = ctx.pushes_collected
     return {
-        "carrier": ctx.posting_values("carrier_id").astype("string").array,
+        "carrier": key_text(ctx.posting_values("carrier_id")),
         "promised_lead_time_hours": _hours(end_at_order, ctx.ordered_ns),
         "hours_to_shipment_deadline": _hours(ctx.posting_ns("shipment_deadline_at"), ctx.as_of_ns),
         "hours_to_promised_delivery_end": _hours(end_now, ctx.as_of_ns),
@@ -601,7 +619,7 @@ def _posting_event_times(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(posting row, at_ns) of the posting events of ``kinds``, sorted by posting then time."""
     row = np.concatenate([ctx.event_posting_rows(kind) for kind in kinds])
-    at = np.concatenate([ctx.events_of(kind)["at_ns"].to_numpy() for kind in kinds])
+    at = np.concatenate([ctx.events_of(kind)["at"] for kind in kinds])
     row, at = row[row >= 0], at[row >= 0]
     order = np.lexsort((at, row))
     return row[order], at[order]
@@ -617,13 +635,10 @@ def _delivery_stage(
     posting is at stage 0 since its order. NaN (NaT) while pushes were not being archived.
     """
     events = ctx.events_of("state_change")
-    # Each distinct state looked up once (millions of pushes, a few dozen states).
-    codes, states = pd.factorize(events["state"].astype("string"))
-    stage_of = np.array([DELIVERY_STAGES.get(state, np.nan) for state in states] + [np.nan])
-    stage = stage_of[codes]  # a missing state has code -1: the NaN at the end
+    stage = map_keys(events["state"], DELIVERY_STAGES)
     row = ctx.event_posting_rows("state_change")
     keep = (row >= 0) & ~np.isnan(stage)
-    row, at, stage = row[keep], events["at_ns"].to_numpy()[keep], stage[keep].astype("int64")
+    row, at, stage = row[keep], events["at"][keep], stage[keep].astype("int64")
     # Posting, then time, then stage: simultaneous pushes resolve the same whatever their order.
     order = np.lexsort((stage, at, row))
     row, at, stage = row[order], at[order], stage[order]
@@ -662,8 +677,7 @@ def _silent_hours_since_handover(
     the parcel spent stuck. NaN before the handover (``handed_over``: per moment, handed over
     by ``as_of``, at ``handed_over_ns``).
     """
-    posting_handed_ns = to_ns(ctx.tables.postings["handed_over_at"])
-    handed_ns = gather(posting_handed_ns, activity_row, NAT_NS)
+    handed_ns = gather(ctx.history.postings["handed_over_at"], activity_row, NAT_NS)
     keep = (handed_ns != NAT_NS) & (activity_at >= handed_ns)
     row, at, handed_ns = activity_row[keep], activity_at[keep], handed_ns[keep]
     # Summed in integer nanoseconds: exact, so the sum does not depend on other postings.
@@ -726,34 +740,29 @@ def build_listing(ctx: FeatureContext) -> dict[str, ColumnValues]:
     """Product-card edits of the posting's offers after purchase, known at ``as_of``."""
     out = _empty_family(ctx, "listing")
     edits = ctx.events_of("card_edit")
-    edits = edits[edits["offer_id"].notna().to_numpy()]
-    posting_offers = (
-        ctx.items[["posting_row", "offer_id"]]
-        .dropna()
-        .drop_duplicates()
-        .sort_values(["posting_row", "offer_id"], kind="stable")
-        .reset_index(drop=True)
-    )
+    edits = edits.take(np.flatnonzero(~is_missing(edits["offer_id"])))
+    items = ctx.items
+    with_offer = np.flatnonzero(~is_missing(items["offer_id"]))
+    offer, item_offer = encode_keys(edits["offer_id"], items["offer_id"][with_offer])
+    # Each posting's distinct offers, sorted by posting.
+    stride = int(item_offer.max(initial=0)) + 1
+    pairs = np.unique(items["posting_row"][with_offer] * stride + item_offer)
+    offer_row, offer_code = pairs // stride, pairs % stride
     pushes = ctx.pushes_collected
-    counts = np.bincount(
-        posting_offers["posting_row"].to_numpy(), minlength=len(ctx.posting_numbers)
-    )
+    counts = np.bincount(offer_row, minlength=len(ctx.posting_numbers))
     moment_idx, offer_idx = _expand(ctx.posting_row, counts)
     if len(edits) == 0 or len(moment_idx) == 0:
         out["card_edits_since_purchase"] = np.where(pushes, 0.0, np.nan)
         return out
 
-    offer, item_offer = encode_keys(edits["offer_id"].astype("string"), posting_offers["offer_id"])
-    at = edits["at_ns"].to_numpy()
+    at = edits["at"]
     order = np.lexsort((at, offer))
     offer, at = offer[order], at[order]
     count = running_count(offer).astype("float64")
 
-    ordered_ns = gather(
-        to_ns(ctx.tables.postings["ordered_at"]), posting_offers["posting_row"].to_numpy(), NAT_NS
-    )
-    before_purchase = gather(count, latest_row(offer, at, item_offer, ordered_ns), 0.0)[offer_idx]
-    latest = latest_row(offer, at, item_offer[offer_idx], ctx.as_of_ns[moment_idx])
+    ordered_ns = gather(ctx.history.postings["ordered_at"], offer_row, NAT_NS)
+    before_purchase = gather(count, latest_row(offer, at, offer_code, ordered_ns), 0.0)[offer_idx]
+    latest = latest_row(offer, at, offer_code[offer_idx], ctx.as_of_ns[moment_idx])
     since_purchase = np.maximum(gather(count, latest, 0.0) - before_purchase, 0.0)
     last_edit_ns = gather(at, latest, NAT_NS)
     last_edit_ns = np.where(last_edit_ns > ctx.ordered_ns[moment_idx], last_edit_ns, NAT_NS)
@@ -766,59 +775,52 @@ def build_listing(ctx: FeatureContext) -> dict[str, ColumnValues]:
     return out
 
 
-def _posting_order_totals(ctx: FeatureContext) -> pd.DataFrame:
-    """Per posting (by position): total quantity, number of lines, value in RUB."""
+def _posting_order_totals(ctx: FeatureContext) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per posting (by position): total quantity, number of lines, value in RUB.
+
+    The total quantity adds the known quantities (NaN when none is known); one line of unknown
+    currency or quantity makes the whole value unknown.
+    """
     items = ctx.items
-    rate = items["currency_code"].map(RUB_PER_UNIT).to_numpy(dtype="float64", na_value=np.nan)
-    frame = pd.DataFrame(
-        {
-            "posting_row": items["posting_row"],
-            "quantity": items["quantity"],
-            "value_rub": items["value"] * rate,
-        }
+    row, n = items["posting_row"], len(ctx.posting_numbers)
+    quantity = items["quantity"]
+    value_rub = items["value"] * map_keys(items["currency_code"], RUB_PER_UNIT)
+    lines = np.bincount(row, minlength=n).astype("float64")
+    known_quantity = ~np.isnan(quantity)
+    total_quantity = np.where(
+        np.bincount(row, weights=known_quantity, minlength=n) > 0,
+        np.bincount(row, weights=np.where(known_quantity, quantity, 0.0), minlength=n),
+        np.nan,
     )
-    grouped = frame.groupby("posting_row", sort=False)
-    totals = pd.DataFrame(
-        {
-            "total_quantity": grouped["quantity"].sum(min_count=1),
-            # One line of unknown currency or quantity makes the whole value unknown.
-            "order_value_rub": grouped["value_rub"]
-            .sum(min_count=1)
-            .where(grouped["value_rub"].count() == grouped.size()),
-            "product_lines": grouped.size().astype("float64"),
-        }
-    )
-    return totals.reindex(np.arange(len(ctx.posting_numbers)))
-
-
-def _as_float(values: pd.Series) -> np.ndarray:
-    return values.astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
+    unknown_value = np.bincount(row, weights=np.isnan(value_rub), minlength=n) > 0
+    order_value = np.bincount(row, weights=np.nan_to_num(value_rub, nan=0.0), minlength=n)
+    order_value = np.where((lines > 0) & ~unknown_value, order_value, np.nan)
+    return total_quantity, lines, order_value
 
 
 def build_buyer_and_order(ctx: FeatureContext) -> dict[str, ColumnValues]:
     """Who ordered what: region, payment, delivery type, premium, size, value, buyer history."""
-    totals = _posting_order_totals(ctx)
-    row = np.maximum(ctx.posting_row, 0)
-    lines = totals["product_lines"].to_numpy()[row]
-    history = ctx.history
+    total_quantity, lines, order_value = _posting_order_totals(ctx)
+    row = ctx.posting_row
+    history = ctx.history_values
     return {
-        "region": ctx.posting_values("region").astype("string").array,
-        "payment_type": ctx.posting_values("payment_type").astype("string").array,
-        "delivery_type": ctx.posting_values("delivery_type").astype("string").array,
-        "is_premium": _as_float(ctx.posting_values("is_premium")),
-        "is_legal": _as_float(ctx.posting_values("is_legal")),
-        "total_quantity": totals["total_quantity"].to_numpy()[row],
-        "product_lines": np.nan_to_num(lines, nan=0.0),
-        "order_value_rub": totals["order_value_rub"].to_numpy()[row],
-        "buyer_earlier_postings": history["buyer_earlier_postings"].to_numpy(),
-        "buyer_earlier_buyer_cancels": history["buyer_earlier_buyer_cancels"].to_numpy(),
+        "region": key_text(ctx.posting_values("region")),
+        "payment_type": key_text(ctx.posting_values("payment_type")),
+        "delivery_type": key_text(ctx.posting_values("delivery_type")),
+        "is_premium": ctx.posting_numbers_of("is_premium"),
+        "is_legal": ctx.posting_numbers_of("is_legal"),
+        "total_quantity": gather(total_quantity, row),
+        "product_lines": gather(lines, row, 0.0),
+        "order_value_rub": gather(order_value, row),
+        "buyer_earlier_postings": history["buyer_earlier_postings"],
+        "buyer_earlier_buyer_cancels": history["buyer_earlier_buyer_cancels"],
     }
 
 
 def build_history_rates(ctx: FeatureContext) -> dict[str, ColumnValues]:
     """Smoothed buyer-cancellation rates of the carrier, the SKUs and the region at ``as_of``."""
-    history = ctx.history
-    return {column: history[column].to_numpy() for column in FEATURE_FAMILIES["history_rates"]}
+    history = ctx.history_values
+    return {column: history[column] for column in FEATURE_FAMILIES["history_rates"]}
 
 
 FAMILY_BUILDERS: dict[str, Callable[[FeatureContext], dict[str, ColumnValues]]] = {
@@ -844,7 +846,7 @@ def _normalised_moments(moments: pd.DataFrame) -> pd.DataFrame:
         raise ValueError("every moment needs an as_of timestamp")
     return pd.DataFrame(
         {
-            "posting_number": moments["posting_number"].astype("string").to_numpy(),
+            "posting_number": moments["posting_number"].astype("string").array,
             "as_of": as_of.array,
         }
     )
@@ -857,29 +859,23 @@ def _check_unique_postings(tables: HistoryTables) -> None:
         raise ValueError(f"posting numbers must be unique in the postings table: {examples}")
 
 
-def build_feature_rows(
-    tables: HistoryTables,
-    moments: pd.DataFrame,
-    aggregates: HistoryAggregates | None = None,
-) -> pd.DataFrame:
-    """Features for each moment (``posting_number``, ``as_of``), one row each, in the same order.
+def build_feature_columns(
+    history: HistoryColumns,
+    posting_numbers: Array,
+    as_of_ns: np.ndarray,
+    aggregates: HistoryAggregates,
+) -> dict[str, ColumnValues]:
+    """The feature definition: every feature of each moment (posting, ``as_of`` in UTC ns).
 
-    Returns a frame indexed like ``moments`` with exactly :data:`FEATURE_COLUMNS`: categorical
-    columns as strings, all others float (NaN = unknown). ``aggregates`` are the history
-    aggregates learned in training; without them they are fitted on ``tables`` at the latest
-    moment (point in time either way). A moment whose posting the tables do not hold gets all
-    features missing.
+    One column per name of :data:`FEATURE_COLUMNS`, in the moments' order: categorical columns
+    as text keys (see :mod:`core.columns`), all others float (NaN = unknown). A moment whose
+    posting ``history`` does not hold gets all features missing. This is what training's
+    snapshots, the nightly batch and a REST request all run, on a million moments or on one.
     """
-    _check_unique_postings(tables)
-    normalised = _normalised_moments(moments)
-    if len(normalised) == 0:
-        return _assemble({column: np.empty(0) for column in FEATURE_COLUMNS}, moments.index)
-    if aggregates is None:
-        aggregates = HistoryAggregates.fit(tables, normalised["as_of"].max())
+    as_of_ns = np.asarray(as_of_ns, dtype="int64")
     # Moments in time order: every point-in-time join then meets its queries already sorted.
-    order = np.argsort(to_ns(normalised["as_of"]), kind="stable")
-    ctx = FeatureContext(tables, normalised.take(order).reset_index(drop=True), aggregates)
-
+    order = np.argsort(as_of_ns, kind="stable")
+    ctx = FeatureContext(history, posting_numbers[order], as_of_ns[order], aggregates)
     columns: dict[str, ColumnValues] = {}
     for builder in FAMILY_BUILDERS.values():
         columns.update(builder(ctx))
@@ -888,24 +884,49 @@ def build_feature_rows(
     columns = {name: _take(values, restore) for name, values in columns.items()}
     unknown = ctx.posting_row[restore] < 0
     if unknown.any():
-        logger.warning("%d moments refer to postings the tables do not hold", int(unknown.sum()))
+        logger.warning("%d moments refer to postings the history does not hold", int(unknown.sum()))
         columns = {name: _blank(values, unknown) for name, values in columns.items()}
+    return columns
+
+
+def build_feature_rows(
+    tables: HistoryTables,
+    moments: pd.DataFrame,
+    aggregates: HistoryAggregates | None = None,
+) -> pd.DataFrame:
+    """Features for each moment (``posting_number``, ``as_of``), one row each, in the same order.
+
+    :func:`build_feature_columns` on the normalised tables, as a frame indexed like ``moments``
+    with exactly :data:`FEATURE_COLUMNS` (categorical columns as ``string``). ``aggregates`` are
+    the history aggregates learned in training; without them they are fitted on ``tables`` at
+    the latest moment (point in time either way).
+    """
+    _check_unique_postings(tables)
+    normalised = _normalised_moments(moments)
+    if len(normalised) == 0:
+        return _assemble({column: np.empty(0) for column in FEATURE_COLUMNS}, moments.index)
+    if aggregates is None:
+        aggregates = HistoryAggregates.fit(tables, normalised["as_of"].max())
+    columns = build_feature_columns(
+        HistoryColumns.from_tables(tables),
+        normalised["posting_number"].array,
+        to_ns(normalised["as_of"]),
+        aggregates,
+    )
     return _assemble(columns, moments.index)
 
 
 def _take(values: ColumnValues, rows: np.ndarray) -> ColumnValues:
-    if isinstance(values, pd.api.extensions.ExtensionArray):
-        return values.take(rows)
-    return np.asarray(values)[rows]
+    return values[rows]
 
 
 def _blank(values: ColumnValues, where: np.ndarray) -> ColumnValues:
-    """``values`` missing (NA or NaN) where ``where``."""
-    if isinstance(values, pd.api.extensions.ExtensionArray):
-        values = values.copy()
-        values[where] = pd.NA
-        return values
-    return np.where(where, np.nan, values)
+    """``values`` missing (NA, None or NaN) where ``where``."""
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        return np.where(where, np.nan, values)
+    values = values.copy()
+    values[where] = None
+    return values
 
 
 def _assemble(columns: dict[str, ColumnValues], index: pd.Index) -> pd.DataFrame:

@@ -4,10 +4,11 @@ A request goes through two steps:
 
 1. **prepare** (:meth:`ModelScorer.prepare_fast`, else :meth:`ModelScorer.prepare_reference`):
    check ``as_of``, parse the records, check that the posting's dates are possible and that it
-   is open at ``as_of``, and build its feature row. The fast path (:mod:`serving.fast_path`)
-   handles canonical requests in ~0.1 ms; the reference path (``tables_from_objects`` +
-   ``build_features``, the code training and the nightly batch run) handles everything else and
-   words every rejection from the ingestion's own reasons. Both give the same row.
+   is open at ``as_of``, and build its feature row with the one feature definition
+   (:func:`core.features.build_feature_columns`). The fast route reads canonical requests
+   through the request lane (:mod:`serving.request_lane`) straight into columns; the reference
+   route (``tables_from_objects`` + ``build_features``, what training and the nightly batch
+   run) handles everything else and words every rejection from the ingestion's own reasons.
 2. **score** (:meth:`ModelScorer.score`): many prepared rows at once through the model's
    encoder, booster and calibrator and the batch's :class:`core.explain.Explainer`, so
    concurrent requests share one booster call (see :class:`MicroBatcher`).
@@ -28,20 +29,22 @@ from typing import Any, Generic, Literal, TypeVar
 import numpy as np
 import pandas as pd
 
-from core.aggregates import build_resolutions
+from core.aggregates import HistoryAggregates, build_resolutions
 from core.explain import LANGUAGES, Explainer, Explanation, build_explanations, row_fact_columns
-from core.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, build_features
+from core.features import (
+    CATEGORICAL_COLUMNS,
+    FEATURE_COLUMNS,
+    build_feature_columns,
+    build_features,
+)
 from core.ingest import tables_from_objects
 from core.model import RiskModel
-from serving.fast_path import (
-    HISTORY_COLUMNS,
-    FastFeatureBuilder,
+from serving.request_lane import (
     NotCanonical,
     ParsedRequest,
     build_closing,
-    build_feature_frame,
-    fast_path_supports,
     parse_request,
+    requests_history,
 )
 from serving.validation import (
     FieldError,
@@ -71,41 +74,46 @@ class ScoreJob:
     lang: str = "en"
 
 
-@dataclass(frozen=True)
+@dataclass
 class PreparedPosting:
-    """A posting's feature row, ready to be scored.
+    """A posting checked and ready to be scored: its feature row (keyed by column), or the
+    parsed request it is computed from.
 
-    A fast-path row gets its history aggregates late (``builder`` and ``parsed`` are kept for
-    it): :meth:`ModelScorer.score` looks them up for all its rows in one call, and reading
-    :attr:`row` first looks up this one alone.
+    Rows of the request lane are computed late: :meth:`ModelScorer.score` computes the rows of
+    all its postings in one pass of the features, and reading :attr:`row` first computes this
+    one alone.
     """
 
     posting_number: str
     as_of: int
-    features: dict[str, Any]
     path: ScoringPath
     lang: str
-    builder: FastFeatureBuilder | None = None
-    parsed: ParsedRequest | None = None
+    features: dict[str, Any] | None = None
+    request: ParsedRequest | None = None
+    aggregates: HistoryAggregates | None = None
 
     @property
     def row(self) -> dict[str, Any]:
-        complete_history([self])
+        if self.features is None:
+            complete_rows([self])
+        assert self.features is not None
         return self.features
 
-    @property
-    def needs_history(self) -> bool:
-        return self.builder is not None and HISTORY_COLUMNS[0] not in self.features
 
-
-def complete_history(prepared: Sequence[PreparedPosting]) -> None:
-    """Add the history aggregates to the rows that wait for them, one lookup per builder."""
-    waiting = [p for p in prepared if p.needs_history]
-    for builder in {id(p.builder): p.builder for p in waiting}.values():
-        mine = [p for p in waiting if p.builder is builder]
-        builder.add_history(  # type: ignore[union-attr]
-            [p.features for p in mine], [p.parsed for p in mine], [p.as_of for p in mine]
+def complete_rows(prepared: Sequence[PreparedPosting]) -> None:
+    """Compute the rows that wait for their features: one pass per model's aggregates."""
+    waiting = [p for p in prepared if p.features is None]
+    for aggregates in {id(p.aggregates): p.aggregates for p in waiting}.values():
+        mine = [p for p in waiting if p.aggregates is aggregates]
+        history, numbers = requests_history([p.request for p in mine])  # type: ignore[misc]
+        columns = build_feature_columns(
+            history,
+            numbers,
+            np.array([p.as_of for p in mine], dtype="int64"),
+            aggregates,  # type: ignore[arg-type]
         )
+        for k, posting in enumerate(mine):
+            posting.features = {column: _plain(columns[column][k]) for column in FEATURE_COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,7 @@ def _ns(value: Any) -> int | None:
 
 
 def _plain(value: Any) -> Any:
-    """A feature value as the fast path holds it: str or None, or a Python float."""
+    """A feature value as a row holds it: str or None, or a Python float."""
     if value is None or value is pd.NA:
         return None
     if isinstance(value, str):
@@ -131,32 +139,44 @@ def _plain(value: Any) -> Any:
     return float(value)
 
 
+def build_feature_frame(
+    rows: Sequence[dict[str, Any]], posting_numbers: Sequence[str]
+) -> pd.DataFrame:
+    """Feature rows as the frame ``build_features`` returns (same columns, dtypes and index)."""
+    data = {}
+    for column in FEATURE_COLUMNS:
+        values = [row[column] for row in rows]
+        if column in CATEGORICAL_COLUMNS:
+            data[column] = pd.array(values, dtype="string")
+        else:
+            data[column] = np.asarray(values, dtype="float64")
+    index = pd.Index(list(posting_numbers), dtype="string", name="posting_number")
+    return pd.DataFrame(data, index=index)
+
+
 class ModelScorer:
     """Prepares and scores requests with one :class:`RiskModel`.
 
-    ``fast_path`` asks for the pandas-free path; it is used only when it supports the model's
-    feature version and has passed :meth:`check_fast_path` (see ``fast_path_note``).
+    ``fast_path`` asks for the request lane; it is used only when the model carries the
+    history aggregates it learned, and has passed :meth:`check_fast_path` (see
+    ``fast_path_note``).
     """
 
     def __init__(self, model: RiskModel, *, fast_path: bool = True) -> None:
         self.model = model
         self.explainer = Explainer(model)
-        self.fast: FastFeatureBuilder | None = None
+        self.fast = False
         self.fast_path_note: str | None = None
         if not fast_path:
             self.fast_path_note = "turned off by the settings"
         elif model.aggregates is None:
             self.fast_path_note = "the model carries no history aggregates"
-        elif not fast_path_supports(model.feature_version):
-            self.fast_path_note = (
-                f"the fast path does not compute feature version {model.feature_version!r}"
-            )
         else:
-            self.fast = FastFeatureBuilder(model.aggregates)
+            self.fast = True
 
     @property
     def path(self) -> ScoringPath:
-        return "fast" if self.fast is not None else "reference"
+        return "fast" if self.fast else "reference"
 
     # --- prepare ------------------------------------------------------------------------------
 
@@ -168,8 +188,8 @@ class ModelScorer:
         return as_of
 
     def prepare_fast(self, job: ScoreJob, as_of: int, prefix: Loc) -> PreparedPosting | None:
-        """The feature row by the fast path; None when the request is not canonical."""
-        if self.fast is None:
+        """The feature row by the request lane; None when the request is not canonical."""
+        if not self.fast:
             return None
         try:
             parsed = parse_request(job.posting, job.pushes, job.prices, job.tracking)
@@ -193,9 +213,13 @@ class ModelScorer:
             prefix,
         )
         _raise_if(errors, not_open)
-        row = self.fast.build_row(parsed, as_of)
         return PreparedPosting(
-            parsed.posting_number, as_of, row, "fast", job.lang, builder=self.fast, parsed=parsed
+            parsed.posting_number,
+            as_of,
+            "fast",
+            job.lang,
+            request=parsed,
+            aggregates=self.model.aggregates,
         )
 
     def prepare_reference(self, job: ScoreJob, as_of: int, prefix: Loc) -> PreparedPosting:
@@ -240,7 +264,7 @@ class ModelScorer:
             raise RequestRejected([FieldError((*prefix, "posting"), message, "value_error")])
         values = features.loc[number]
         row = {column: _plain(values[column]) for column in FEATURE_COLUMNS}
-        return PreparedPosting(number, as_of, row, "reference", job.lang)
+        return PreparedPosting(number, as_of, "reference", job.lang, features=row)
 
     # --- score --------------------------------------------------------------------------------
 
@@ -252,7 +276,7 @@ class ModelScorer:
         """
         if not prepared:
             return []
-        complete_history(prepared)
+        complete_rows(prepared)
         rows = [p.row for p in prepared]
         matrix = self.model.build_matrix_from_rows(rows)
         raw = self.model.predict_matrix_raw(matrix)
@@ -320,7 +344,7 @@ class ModelScorer:
         if not np.all(np.isfinite(expected)):
             raise FloatingPointError("the model returned a probability that is not finite")
         prepared = reference
-        if self.fast is not None:
+        if self.fast:
             prepared = [self._fast_probe(job, as_of, i, reference[i]) for i, job in enumerate(jobs)]
         for lang in LANGUAGES:
             served = self.score([replace(p, lang=lang) for p in prepared])

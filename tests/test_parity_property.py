@@ -68,8 +68,7 @@ from core.ingest import load_history
 from core.ingest.events import DELIVERED_STATES
 from core.ingest.postings import STATUS_PROGRESS
 from core.tables import PUSH_KINDS, SCAN_KINDS
-from serving.fast_path import build_feature_frame
-from serving.scoring import ModelScorer, ScoreJob, first_difference
+from serving.scoring import ModelScorer, ScoreJob, build_feature_frame, first_difference
 from serving.validation import RequestRejected
 from simulator.export import CABINET_HEADER
 

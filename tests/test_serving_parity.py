@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import replace
@@ -34,20 +35,17 @@ from core.explain import LANGUAGES, build_explanations
 from core.features import build_feature_rows, build_features
 from core.ingest import tables_from_objects
 from core.ingest.values import build_decimals, build_strings, build_utc_timestamps
+from serving import scoring
 from serving.app import create_app
-from serving.fast_path import (
-    FastFeatureBuilder,
-    build_feature_frame,
-    parse_decimal,
-    parse_text,
-    parse_timestamp,
-)
 from serving.probes import build_probe_jobs
+from serving.request_lane import parse_decimal, parse_text, parse_timestamp
 from serving.scoring import (
     ModelScorer,
     PreparedPosting,
     RoutesDisagree,
     ScoreJob,
+    build_feature_frame,
+    complete_rows,
     first_difference,
 )
 from serving.settings import ServiceSettings
@@ -143,6 +141,49 @@ def test_fast_rows_equal_build_features_on_simulated_requests(
     assert compared >= 30
     # Not only within 1e-9: the same floating-point operations give the same bits.
     assert exact == compared
+
+
+def test_requests_scored_together_see_only_their_own_records(
+    trained_shop, records: HistoryRecords
+) -> None:
+    """Concurrent requests share one pass of the features: each row must be the row of its
+    request alone, with the same posting twice, offers in common and pushes in only some."""
+    aggregates = copy.copy(trained_shop.model.aggregates)
+    aggregates.collecting_since_ = {}  # the shop's own start unknown: each request's counts
+    scorer = ModelScorer(trained_shop.model, fast_path=True)
+    rng = random.Random(11)
+    by_offer: dict[str, list[dict[str, Any]]] = {}
+    for posting in records.postings:
+        for product in posting["products"]:
+            by_offer.setdefault(product["offer_id"], []).append(posting)
+    shared = [group for group in by_offer.values() if len(group) >= 3]
+    assert shared, "the simulated shop sells some offer more than once"
+    postings = rng.sample(shared[0], 3) + rng.sample(records.postings, 5)
+    prepared = []
+    for k, posting in enumerate(postings + postings[:2]):  # the first two postings twice
+        ordered = parse_timestamp(posting["in_process_at"])
+        assert ordered is not None
+        as_of = ordered + (30 + 50 * k) * HOUR_NS
+        request = build_score_request(records, posting, as_of)
+        if k % 3 == 1:
+            request["pushes"] = []  # this one shows no pushes: they are not collected for it
+        if k >= len(postings):
+            request["prices"] = request["prices"][: len(request["prices"]) // 2]
+        try:
+            ready = scorer.prepare_fast(_job(request, as_of), as_of, ())
+        except RequestRejected:
+            continue  # closed by then
+        assert ready is not None
+        prepared.append(replace(ready, aggregates=aggregates))
+    assert len(prepared) >= 6
+    alone = [replace(p) for p in prepared]
+    for posting in alone:
+        complete_rows([posting])
+    complete_rows(prepared)
+    for together, by_itself in zip(prepared, alone, strict=True):
+        assert first_difference(together.row, by_itself.row, tol=0.0) is None
+    without_pushes = [p.row for p in alone if math.isnan(p.row["delivery_date_changes"])]
+    assert without_pushes and len(without_pushes) < len(alone)
 
 
 def test_api_rows_equal_the_batch_on_the_whole_archive(
@@ -500,17 +541,17 @@ def test_probe_requests_pass_the_fast_path_check(trained_shop) -> None:
 
 
 def test_a_model_whose_routes_differ_is_refused(trained_shop, monkeypatch) -> None:
-    original = FastFeatureBuilder.build_row
+    original = scoring.requests_history
 
-    def drifted(self, parsed, as_of):
-        row = original(self, parsed, as_of)
-        row["hours_since_order"] = row["hours_since_order"] + 1e-3
-        return row
+    def drifted(requests):
+        history, numbers = original(requests)
+        history.postings["ordered_at"][:] += 3_600_000_000  # 1 ms: beyond 1e-9 of the hours
+        return history, numbers
 
-    monkeypatch.setattr(FastFeatureBuilder, "build_row", drifted)
+    monkeypatch.setattr(scoring, "requests_history", drifted)
     scorer = ModelScorer(trained_shop.model, fast_path=True)
     jobs, as_of = build_probe_jobs(trained_shop.model)
-    with pytest.raises(RoutesDisagree, match="hours_since_order"):
+    with pytest.raises(RoutesDisagree, match="features differ"):
         scorer.check_fast_path(jobs, as_of)
 
 
