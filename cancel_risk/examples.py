@@ -28,8 +28,9 @@ from core.ingest.events import DELIVERED_STATES, with_receipt_times
 from core.ingest.history import POSTINGS_JSON_GLOB, build_reply_postings, csv_separator
 from core.ingest.jsonlines import BOM
 from core.ingest.postings import STATUS_PROGRESS
+from core.ingest.values import NotCanonical, parse_timestamp
 from core.tables import TERMINAL_STATUSES
-from serving.request_lane import NotCanonical, build_closing, parse_request, parse_timestamp
+from serving.request_lane import build_closing, parse_request
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,8 @@ whole archives and checks every open posting.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -41,138 +38,22 @@ from core.columns import (
 )
 from core.ingest.events import DELIVERED_STATES, PUSH_SPECS
 from core.ingest.postings import MAX_QUANTITY
+from core.ingest.values import (
+    NotCanonical,
+    parse_bool,
+    parse_decimal,
+    parse_integer,
+    parse_text,
+    parse_timestamp,
+)
 from core.tables import PUSH_KINDS, SCAN_KINDS, TERMINAL_STATUSES
 
-NS_PER_SECOND = 1_000_000_000
-_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-_EXACT_FLOAT_INT = 2**53
 _EMPTY: dict[str, Any] = {}
 
-# The canonical timestamps: a date, or a date and time to the second with an optional fraction
-# (up to nanoseconds) and an optional "Z" or ±HH:MM offset. Naive means UTC, as in ingestion.
-_TIMESTAMP = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})"
-    r"(?:T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})?)?"
-)
-# Plain decimals as the Seller API writes prices ("1390.000000"); an optional minus sign.
-_DECIMAL = re.compile(r"(-?)(\d{1,15})(?:\.(\d{1,12}))?")
-_CANONICAL_YEARS = range(1900, 2201)
 # Time keys the ingestion fills in itself (a push dated by its neighbours): the reference path's.
 _DERIVED_TIME_KEYS = frozenset(
     key for key in (getattr(ingest_events, "NEXT_PUSH_AT", None),) if key is not None
 )
-
-
-class NotCanonical(Exception):
-    """The request is not in the canonical shape this path handles; use the reference path."""
-
-
-# --- values ------------------------------------------------------------------------------------
-
-
-def parse_timestamp(value: Any) -> int | None:
-    """A canonical ISO-8601 timestamp as UTC nanoseconds; None when absent (null or blank).
-
-    Mirrors ``build_utc_timestamps`` on the values it accepts.
-    """
-    if value is None:
-        return None
-    if type(value) is not str:
-        if isinstance(value, float) and math.isnan(value):
-            return None
-        raise NotCanonical
-    return _parse_timestamp_text(value)
-
-
-@lru_cache(maxsize=65_536)
-def _parse_timestamp_text(value: str) -> int | None:
-    # Cached: a seller sends the same price-log and push times with many requests.
-    match = _TIMESTAMP.fullmatch(value)
-    if match is None:
-        if not value.strip():
-            return None
-        raise NotCanonical
-    year, month, day, hour, minute, second, fraction, offset = match.groups()
-    year_number = int(year)
-    if year_number not in _CANONICAL_YEARS:
-        raise NotCanonical
-    try:
-        days = date(year_number, int(month), int(day)).toordinal() - _EPOCH_ORDINAL
-    except ValueError:
-        raise NotCanonical from None
-    seconds = days * 86_400
-    nanos = 0
-    if hour is not None:
-        h, m, s = int(hour), int(minute), int(second)
-        if h > 23 or m > 59 or s > 59:
-            raise NotCanonical
-        seconds += h * 3600 + m * 60 + s
-        if fraction is not None:
-            nanos = int(fraction.ljust(9, "0"))
-        if offset is not None and offset != "Z":
-            offset_hours, offset_minutes = int(offset[1:3]), int(offset[4:6])
-            if offset_hours > 14 or offset_minutes > 59:
-                raise NotCanonical
-            shift = offset_hours * 3600 + offset_minutes * 60
-            seconds -= shift if offset[0] == "+" else -shift
-    return seconds * NS_PER_SECOND + nanos
-
-
-def parse_decimal(value: Any) -> float | None:
-    """A JSON number or a plain decimal string as a float; None when absent.
-
-    Mirrors ``build_decimals``: booleans are not numbers, blank strings are absent.
-    """
-    if value is None:
-        return None
-    kind = type(value)
-    if kind is float:
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            raise NotCanonical
-        return value
-    if kind is int:
-        if -_EXACT_FLOAT_INT < value < _EXACT_FLOAT_INT:
-            return float(value)
-        raise NotCanonical
-    if kind is str:
-        if _DECIMAL.fullmatch(value) is not None:
-            return float(value)
-        if not value.strip():
-            return None
-    raise NotCanonical
-
-
-def parse_integer(value: Any) -> int | None:
-    """An integer id or count; None when absent. Mirrors ``build_integers`` on ints."""
-    if value is None:
-        return None
-    if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
-        return value
-    if type(value) is str and not value.strip():
-        return None
-    raise NotCanonical
-
-
-def parse_text(value: Any) -> str | None:
-    """Free text or a code, stripped; None when absent or empty. Mirrors ``build_strings``."""
-    if value is None:
-        return None
-    if type(value) is str:
-        text = value
-    elif isinstance(value, str | bool | int) or (isinstance(value, float) and math.isfinite(value)):
-        text = str(value)
-    else:
-        return None
-    text = text.strip()
-    return text or None
-
-
-def parse_bool(value: Any) -> bool | None:
-    """A JSON boolean; anything else is unknown. Mirrors ``build_booleans``."""
-    return value if type(value) is bool else None
 
 
 def _obj(value: Any) -> dict[str, Any]:

@@ -14,9 +14,11 @@ from __future__ import annotations
 import copy
 import math
 import random
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -25,6 +27,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import core.ingest.values as ingest_values
 from cancel_risk.examples import (
     HistoryRecords,
     build_score_request,
@@ -34,11 +37,19 @@ from cancel_risk.examples import (
 from core.explain import LANGUAGES, build_explanations
 from core.features import build_feature_rows, build_features
 from core.ingest import tables_from_objects
-from core.ingest.values import build_decimals, build_strings, build_utc_timestamps
+from core.ingest.values import (
+    build_decimals,
+    build_integers,
+    build_strings,
+    build_utc_timestamps,
+    parse_decimal,
+    parse_integer,
+    parse_text,
+    parse_timestamp,
+)
 from serving import scoring
 from serving.app import create_app
 from serving.probes import build_probe_jobs
-from serving.request_lane import parse_decimal, parse_text, parse_timestamp
 from serving.scoring import (
     ModelScorer,
     PreparedPosting,
@@ -407,6 +418,14 @@ def test_fast_rows_equal_build_features_on_generated_requests(trained_shop) -> N
 
 
 # --- value parsers ---------------------------------------------------------------------------
+# A short column is read by the canonical readers themselves: the vectorised parsers that read
+# every long column (and any value the readers refuse) must give the same values.
+
+
+@contextmanager
+def _vectorised():
+    with mock.patch.object(ingest_values, "SHORT_COLUMN", -1):
+        yield
 
 
 @settings(max_examples=150, deadline=None, database=None)
@@ -424,9 +443,11 @@ def test_timestamp_parser_agrees_with_ingestion(moment, nanos, offset, digits) -
     if digits:
         text += "." + f"{nanos:09d}"[:digits]
     text += offset
-    expected, bad = build_utc_timestamps([text])
+    with _vectorised():
+        expected, bad = build_utc_timestamps([text])
     assert not bad[0]
     assert parse_timestamp(text) == expected.iloc[0].value
+    assert build_utc_timestamps([text])[0].equals(expected)
 
 
 @settings(max_examples=150, deadline=None, database=None)
@@ -439,9 +460,21 @@ def test_timestamp_parser_agrees_with_ingestion(moment, nanos, offset, digits) -
     )
 )
 def test_decimal_parser_agrees_with_ingestion(value) -> None:
-    expected, bad = build_decimals([value])
+    with _vectorised():
+        expected, bad = build_decimals([value])
     assert not bad[0]
     assert parse_decimal(value) == expected.iloc[0]
+    assert build_decimals([value])[0].equals(expected)
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(st.lists(st.one_of(st.none(), st.just(""), st.integers(-(2**63), 2**63 - 1)), max_size=5))
+def test_integer_parser_agrees_with_ingestion(values) -> None:
+    with _vectorised():
+        expected, bad = build_integers(values)
+    assert not bad.any()
+    assert [parse_integer(v) for v in values] == [None if pd.isna(v) else v for v in expected]
+    assert build_integers(values)[0].equals(expected)
 
 
 @settings(max_examples=150, deadline=None, database=None)
@@ -455,8 +488,11 @@ def test_decimal_parser_agrees_with_ingestion(value) -> None:
     )
 )
 def test_text_parser_agrees_with_ingestion(value) -> None:
-    expected = build_strings([value]).iloc[0]
+    with _vectorised():
+        column = build_strings([value])
+    expected = column.iloc[0]
     assert parse_text(value) == (None if pd.isna(expected) else expected)
+    assert build_strings([value]).equals(column)
 
 
 # --- probabilities: API, batch path, training path ---------------------------------------------

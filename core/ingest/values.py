@@ -11,8 +11,11 @@ columns pay for per-value type checks.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -44,8 +47,154 @@ EARLIEST_ORDER_AT = pd.Timestamp("2000-01-01", tz="UTC")
 # datetime64[ns] covers 1677..2262; anything outside cannot be stored and is unusable anyway.
 _TS_MIN = pd.Timestamp("1678-01-01", tz="UTC")
 _TS_MAX = pd.Timestamp("2261-12-31", tz="UTC")
+_NAT_NS = np.iinfo("int64").min
 
 Column = Sequence[Any] | pd.Series | np.ndarray
+
+# Columns up to this long are read value by value by the canonical readers below (pandas' parsers
+# cost a tenth of a millisecond a call whatever the length: what one posting's fields would pay);
+# a column with any value they refuse, and every longer one, takes the vectorised parsers. Both
+# give the same values (tests/test_serving_parity.py).
+SHORT_COLUMN = 64
+
+
+NS_PER_SECOND = 1_000_000_000
+_EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_EXACT_FLOAT_INT = 2**53
+
+# The canonical timestamps: a date, or a date and time to the second with an optional fraction
+# (up to nanoseconds) and an optional "Z" or ±HH:MM offset. Naive means UTC, as in ingestion.
+_TIMESTAMP = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})"
+    r"(?:T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(Z|[+-]\d{2}:\d{2})?)?"
+)
+# Plain decimals as the Seller API writes prices ("1390.000000"); an optional minus sign.
+_DECIMAL = re.compile(r"(-?)(\d{1,15})(?:\.(\d{1,12}))?")
+_CANONICAL_YEARS = range(1900, 2201)
+
+
+class NotCanonical(ValueError):
+    """A value is not in its canonical form: the column converters read (and word) it."""
+
+
+# --- one value in its canonical form ------------------------------------------------------------
+
+
+def parse_timestamp(value: Any) -> int | None:
+    """A canonical ISO-8601 timestamp as UTC nanoseconds; None when absent (null or blank).
+
+    What :func:`build_utc_timestamps` gives for the values it accepts.
+    """
+    if value is None:
+        return None
+    if type(value) is not str:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        raise NotCanonical
+    return _parse_timestamp_text(value)
+
+
+@lru_cache(maxsize=65_536)
+def _parse_timestamp_text(value: str) -> int | None:
+    # Cached: a seller sends the same price-log and push times with many requests.
+    match = _TIMESTAMP.fullmatch(value)
+    if match is None:
+        if not value.strip():
+            return None
+        raise NotCanonical
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    year_number = int(year)
+    if year_number not in _CANONICAL_YEARS:
+        raise NotCanonical
+    try:
+        days = date(year_number, int(month), int(day)).toordinal() - _EPOCH_ORDINAL
+    except ValueError:
+        raise NotCanonical from None
+    seconds = days * 86_400
+    nanos = 0
+    if hour is not None:
+        h, m, s = int(hour), int(minute), int(second)
+        if h > 23 or m > 59 or s > 59:
+            raise NotCanonical
+        seconds += h * 3600 + m * 60 + s
+        if fraction is not None:
+            nanos = int(fraction.ljust(9, "0"))
+        if offset is not None and offset != "Z":
+            offset_hours, offset_minutes = int(offset[1:3]), int(offset[4:6])
+            if offset_hours > 14 or offset_minutes > 59:
+                raise NotCanonical
+            shift = offset_hours * 3600 + offset_minutes * 60
+            seconds -= shift if offset[0] == "+" else -shift
+    return seconds * NS_PER_SECOND + nanos
+
+
+def parse_decimal(value: Any) -> float | None:
+    """A JSON number or a plain decimal string as a float; None when absent.
+
+    What :func:`build_decimals` gives: booleans are not numbers, blank strings are absent.
+    """
+    if value is None:
+        return None
+    kind = type(value)
+    if kind is float:
+        if math.isnan(value):
+            return None
+        if math.isinf(value):
+            raise NotCanonical
+        return value
+    if kind is int:
+        if -_EXACT_FLOAT_INT < value < _EXACT_FLOAT_INT:
+            return float(value)
+        raise NotCanonical
+    if kind is str:
+        if _DECIMAL.fullmatch(value) is not None:
+            return float(value)
+        if not value.strip():
+            return None
+    raise NotCanonical
+
+
+def parse_integer(value: Any) -> int | None:
+    """An integer id or count; None when absent. What :func:`build_integers` gives for ints."""
+    if value is None:
+        return None
+    if type(value) is int and _INT64_MIN <= value <= _INT64_MAX:
+        return value
+    if type(value) is str and not value.strip():
+        return None
+    raise NotCanonical
+
+
+def parse_text(value: Any) -> str | None:
+    """Free text or a code, stripped; None when absent or empty, as :func:`build_strings`."""
+    if value is None:
+        return None
+    if type(value) is str:
+        text = value
+    elif isinstance(value, str | bool | int) or (isinstance(value, float) and math.isfinite(value)):
+        text = str(value)
+    else:
+        return None
+    text = text.strip()
+    return text or None
+
+
+def parse_bool(value: Any) -> bool | None:
+    """A JSON boolean; anything else is unknown, as :func:`build_booleans`."""
+    return value if type(value) is bool else None
+
+
+def _read_short(values: Column, read: Any) -> list[Any] | None:
+    """Every value of a short column by its canonical reader; None when the column is long or
+    a value is not canonical."""
+    if len(values) > SHORT_COLUMN:
+        return None
+    listed = values.tolist() if isinstance(values, pd.Series | np.ndarray) else values
+    try:
+        return [read(value) for value in listed]
+    except NotCanonical:
+        return None
 
 
 def as_object_series(values: Column) -> pd.Series:
@@ -98,6 +247,11 @@ def build_utc_timestamps(values: Column) -> tuple[pd.Series, np.ndarray]:
     Naive values are taken as UTC, which is what the Seller API and the side files mean.
     Returns the timestamps (NaT where absent or bad) and the mask of present-but-bad values.
     """
+    short = _read_short(values, parse_timestamp)
+    if short is not None:
+        ns = np.array([_NAT_NS if at is None else at for at in short], dtype="int64")
+        stamps = pd.Series(ns.view("datetime64[ns]")).dt.tz_localize("UTC")
+        return stamps, np.zeros(len(ns), dtype=bool)
     raw = as_object_series(values)
     present = build_present_mask(raw)
     if not present.any():
@@ -145,6 +299,10 @@ def build_decimals(values: Column) -> tuple[pd.Series, np.ndarray]:
     Returns float64 values (NaN where absent or bad) and the present-but-bad mask. ``inf`` and
     negative values are numbers here; callers that need finite non-negative check that.
     """
+    short = _read_short(values, parse_decimal)
+    if short is not None:
+        numbers = [np.nan if number is None else number for number in short]
+        return pd.Series(numbers, dtype="float64"), np.zeros(len(short), dtype=bool)
     raw = as_object_series(values)
     present = build_present_mask(raw)
     if infer_dtype(raw, skipna=True) not in _NUMERIC_KINDS:
@@ -168,6 +326,9 @@ def build_integers(values: Column) -> tuple[pd.Series, np.ndarray]:
     A value that is present but not a whole number (``"abc"``, ``1.5``, ``true``) is NA and
     marked bad. Whole floats (``2.0``) are accepted, as spreadsheets write them.
     """
+    short = _read_short(values, parse_integer)
+    if short is not None:
+        return pd.Series(pd.array(short, dtype="Int64")), np.zeros(len(short), dtype=bool)
     raw = as_object_series(values)
     if infer_dtype(raw, skipna=True) in ("integer", "empty"):
         try:
@@ -203,6 +364,9 @@ _NO_TEXT = pa.scalar(None, pa.large_string())
 
 def build_strings(values: Column) -> pd.Series:
     """Free text or codes as ``string``, trimmed; numbers are written out, ``""`` becomes NA."""
+    short = _read_short(values, parse_text)
+    if short is not None:
+        return pd.Series(pd.array(short, dtype="string"))
     if isinstance(values, pd.Series):
         listed: Any = values.to_numpy(dtype=object)
     elif isinstance(values, np.ndarray):
@@ -230,4 +394,4 @@ def _text_or_none(value: Any) -> str | None:
 def build_booleans(values: Column) -> pd.Series:
     """JSON booleans as ``boolean``; anything else (null, strings) is NA."""
     raw = as_object_series(values)
-    return pd.Series(pd.array([v if type(v) is bool else None for v in raw], dtype="boolean"))
+    return pd.Series(pd.array([parse_bool(v) for v in raw], dtype="boolean"))
