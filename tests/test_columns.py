@@ -19,7 +19,8 @@ from hypothesis import strategies as st
 import core.aggregates as aggregates
 from core.aggregates import encode_keys, positions_of
 from core.columns import map_keys, sort_codes
-from core.features import RUB_PER_UNIT, _encode_sorted
+from core.features import RUB_PER_UNIT
+from core.features.families import _encode_sorted
 
 TEXT_KEYS = st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "B", "ä", "10", "9", ""])))
 INT_KEYS = st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)))

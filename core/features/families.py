@@ -1,24 +1,11 @@
-"""Point-in-time features: the one feature function of the project.
-
-Training, the REST service and the nightly batch all call :func:`build_features` (or
-:func:`build_feature_rows` for many moments at once). A feature for a posting at a moment
-``as_of`` reads only what was known then: events with ``at <= as_of``, closing and handover
-times only through an explicit ``<= as_of`` check, and never the posting's export-time status or
-cancellation fields. Every "latest value at as_of" is one ``pd.merge_asof`` per event kind
-(:func:`core.aggregates.latest_row`); multi-line postings become one number by value-weighted
-means. Nothing loops over postings or moments in Python.
-
-A family whose input file is absent yields NaN. "Absent" is judged at ``as_of`` too: until the
-first scan (or push) anywhere in the history, scan (or push) counts are unknown rather than zero,
-so a seller who started archiving late does not teach the model that old orders had no scans.
-"""
+"""The feature families: each computes its columns for every moment of a
+:class:`~core.features.context.FeatureContext` with a handful of vectorised steps, the same for
+one posting of a REST request and for a million training snapshots."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -26,10 +13,6 @@ import pandas as pd
 from core.aggregates import (
     NAT_NS,
     NS_PER_HOUR,
-    HistoryAggregates,
-    build_open_mask,
-    build_resolutions,
-    earliest_ns,
     encode_keys,
     from_ns,
     gather,
@@ -38,325 +21,25 @@ from core.aggregates import (
     positions_of,
     running_count,
     to_ns,
-    to_utc,
     weighted_mean_by_row,
 )
 from core.columns import (
     Array,
-    Columns,
     HistoryColumns,
     is_missing,
     key_text,
-    lookup_keys,
     map_keys,
-    sort_codes,
-    take_keys,
 )
-from core.tables import PUSH_KINDS, SCAN_KINDS, HistoryTables
-
-logger = logging.getLogger(__name__)
-
-FEATURE_VERSION = "2"
-
-FEATURE_FAMILIES: dict[str, list[str]] = {
-    "price_since_purchase": [
-        "price_change_pct",  # latest logged price vs paid, %; negative = cheaper now
-        "lowest_price_change_pct",  # lowest price in force since purchase vs paid, %
-        "price_changes_since_purchase",
-        "promotion_since_purchase",  # share of order value whose offer got a promo discount
-    ],
-    "carrier_and_promise": [
-        "carrier",
-        "promised_lead_time_hours",  # order -> promised delivery end, promise at order time
-        "hours_to_shipment_deadline",
-        "hours_to_promised_delivery_end",  # negative when late
-        "delivery_date_changes",
-        "delivery_date_shift_hours",  # promised end at as_of minus promised end at order
-    ],
-    "timeline": [
-        "hours_since_order",
-        "is_handed_over",
-        "hours_since_handover",
-        "hours_since_last_activity",  # last scan or state-change push; since order when none
-        "carrier_scans",
-        "hours_since_last_scan",
-        "delivery_stage",  # furthest stage reached: 0 created .. 4 at the pickup point
-        "hours_in_delivery_stage",  # since that stage was reached
-        "silent_hours_since_handover",  # tracking silence beyond the tolerated gaps, summed
-    ],
-    "listing": [
-        "card_edits_since_purchase",
-        "hours_since_last_card_edit",
-    ],
-    "buyer_and_order": [
-        "region",
-        "payment_type",
-        "delivery_type",
-        "is_premium",
-        "is_legal",
-        "total_quantity",
-        "product_lines",
-        "order_value_rub",
-        "buyer_earlier_postings",
-        "buyer_earlier_buyer_cancels",
-    ],
-    "history_rates": [
-        "carrier_buyer_cancel_rate",
-        "sku_buyer_cancel_rate",
-        "region_buyer_cancel_rate",
-    ],
-}
-FEATURE_COLUMNS: list[str] = [column for family in FEATURE_FAMILIES.values() for column in family]
-CATEGORICAL_COLUMNS: list[str] = ["carrier", "region", "payment_type", "delivery_type"]
-STATIC_COLUMNS: list[str] = [
-    "carrier",
-    "region",
-    "payment_type",
-    "is_premium",
-    "total_quantity",
-    "order_value_rub",
-    "promised_lead_time_hours",
-]
-
-# Approximate RUB per unit. The order value only ranks orders by size, so rates a few percent
-# off change nothing the model can see, and fixed rates keep the feature reproducible.
-RUB_PER_UNIT: dict[str, float] = {
-    "RUB": 1.0,
-    "CNY": 11.5,
-    "USD": 85.0,
-    "EUR": 95.0,
-    "KZT": 0.17,
-    "BYN": 27.0,
-}
-
-
-# Ozon posting substates (TYPE_STATE_CHANGED ``new_state``) by how far the parcel has got. How
-# long a buyer stays exposed depends on it: a parcel at the pickup point ends within days, one
-# just handed over has its whole transit ahead. Unknown substates say nothing about the stage.
-DELIVERY_STAGES: dict[str, int] = {
-    "posting_created": 0,
-    "posting_awaiting_registration": 0,
-    "posting_transferring_to_delivery": 1,
-    "posting_driver_pick_up": 1,
-    "posting_in_carriage": 2,
-    "posting_on_way_to_city": 3,
-    "posting_transferred_to_courier_service": 3,
-    "posting_in_courier_service": 3,
-    "posting_on_way_to_pickup_point": 3,
-    "posting_in_pickup_point": 4,
-    "posting_conditionally_delivered": 4,
-}
-HANDED_OVER_STAGE = 1
-# A gap between two tracking events (or since the last one) up to this long is ordinary; what
-# goes beyond it is silence (the same two days after which tracking counts as gone quiet).
-TOLERATED_SILENCE_HOURS = 48.0
-
-
-# A feature column: floats as numpy, text as the keys of the history (core.columns): a pandas
-# string array from tables (a round trip of strings through Python objects costs more than all
-# the numeric work of a family), an object array from a request.
-ColumnValues = Array
-
-
-# --- small numeric helpers --------------------------------------------------------------------
-
-
-def _hours(later_ns: np.ndarray, earlier_ns: np.ndarray) -> np.ndarray:
-    """(later - earlier) in hours, NaN where either is NaT; exact integer subtraction first."""
-    valid = (later_ns != NAT_NS) & (earlier_ns != NAT_NS)
-    delta = np.where(valid, later_ns, 0) - np.where(valid, earlier_ns, 0)
-    return np.where(valid, delta / NS_PER_HOUR, np.nan)
-
-
-def _range_min(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """``min(values[lo:hi + 1])`` for each query, NaN where the range is empty.
-
-    A sparse table: level k holds the minima of windows of 2**k, and any range is covered by two
-    overlapping windows, so each level is one vectorised step over the queries of its length.
-    """
-    out = np.full(len(lo), np.nan)
-    ok = (lo >= 0) & (hi >= lo)
-    if not ok.any():
-        return out
-    lo, hi = lo[ok], hi[ok]
-    level = np.floor(np.log2(hi - lo + 1)).astype("int64")
-    window_min = np.asarray(values, dtype="float64")
-    result = np.empty(len(lo))
-    for k in range(int(level.max()) + 1):
-        if k > 0:
-            half = 1 << (k - 1)
-            window_min = np.fmin(window_min[:-half], window_min[half:])
-        chosen = level == k
-        if chosen.any():
-            result[chosen] = np.fmin(window_min[lo[chosen]], window_min[hi[chosen] - (1 << k) + 1])
-    out[ok] = result
-    return out
-
-
-def _expand(group_of_moment: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pair each moment with every row of its group, rows being sorted by group.
-
-    ``counts[g]`` is the number of rows of group ``g``. Returns (moment, row) positions; moments
-    of group -1 get no rows.
-    """
-    starts = np.cumsum(counts) - counts
-    moments = np.flatnonzero(group_of_moment >= 0)
-    groups = group_of_moment[moments]
-    per_moment = counts[groups]
-    moment_idx = np.repeat(moments, per_moment)
-    offset = np.arange(len(moment_idx)) - np.repeat(np.cumsum(per_moment) - per_moment, per_moment)
-    return moment_idx, np.repeat(starts[groups], per_moment) + offset
-
-
-def _collected_at(first_ns: int | np.ndarray, as_of_ns: np.ndarray) -> np.ndarray:
-    """Whether an input first seen at ``first_ns`` (per moment, or one time for all) was being
-    collected at each ``as_of``."""
-    first_ns = np.asarray(first_ns, dtype="int64")
-    return (first_ns != NAT_NS) & (as_of_ns >= first_ns)
-
-
-def _earliest(first_ns: int | np.ndarray, other_ns: int) -> int | np.ndarray:
-    """:func:`earliest_ns` of a time per posting (or one) and one other time."""
-    if np.ndim(first_ns) == 0:
-        return earliest_ns(int(first_ns), other_ns)
-    if other_ns == NAT_NS:
-        return first_ns
-    return np.where(first_ns == NAT_NS, other_ns, np.minimum(first_ns, other_ns))
-
-
-# --- the shared context -----------------------------------------------------------------------
-
-
-class FeatureContext:
-    """What the feature families share for one batch of moments, each part computed once.
-
-    Moments are addressed by position 0..n-1; ``posting_row`` is the moment's posting's position
-    in ``history.postings`` (-1 for a posting the history does not hold).
-    """
-
-    def __init__(
-        self,
-        history: HistoryColumns,
-        posting_numbers: Array,
-        as_of_ns: np.ndarray,
-        aggregates: HistoryAggregates,
-    ) -> None:
-        self.history = history
-        self.aggregates = aggregates
-        self.n = len(as_of_ns)
-        self.as_of_ns = as_of_ns
-        self.posting_numbers = history.postings["posting_number"]
-        self.posting_row = positions_of(self.posting_numbers, posting_numbers)
-        self.ordered_ns = self.posting_ns("ordered_at")
-        self._event_rows_by_kind: dict[str, np.ndarray] = {}
-
-    def posting_ns(self, column: str) -> np.ndarray:
-        """A timestamp column of each moment's posting, as int64 ns (NaT for unknown postings)."""
-        return gather(self.history.postings[column], self.posting_row, fill=NAT_NS)
-
-    def posting_values(self, column: str) -> Array:
-        """A key column of each moment's posting, missing for unknown postings."""
-        return take_keys(self.history.postings[column], self.posting_row)
-
-    def posting_numbers_of(self, column: str) -> np.ndarray:
-        """A number column of each moment's posting, NaN for unknown postings."""
-        return gather(self.history.postings[column], self.posting_row)
-
-    def events_of(self, kind: str) -> Columns:
-        """Events of one kind with a known time."""
-        return self.history.events(kind)
-
-    def event_posting_rows(self, kind: str) -> np.ndarray:
-        """The posting row of each of :meth:`events_of` ``kind`` (-1 for unknown postings)."""
-        if kind not in self._event_rows_by_kind:
-            numbers = self.events_of(kind)["posting_number"]
-            self._event_rows_by_kind[kind] = positions_of(self.posting_numbers, numbers)
-        return self._event_rows_by_kind[kind]
-
-    def _collecting_since(self, kinds: tuple[str, ...]) -> int | np.ndarray:
-        """Since when the shop archives events of ``kinds``, per moment (or one time for all):
-        the earliest such event of the history or of the history the aggregates learned (a
-        REST request holds one posting's events only, and a posting without scans yet is still
-        one of a shop that collects them).
-        """
-        since = _earliest(
-            self.history.first_event_ns(kinds), self.aggregates.collecting_since(kinds)
-        )
-        if np.ndim(since) == 0:
-            return since
-        return gather(since, self.posting_row, NAT_NS)
-
-    @cached_property
-    def pushes_collected(self) -> np.ndarray:
-        """Per moment: pushes were being archived at ``as_of``."""
-        return _collected_at(self._collecting_since(PUSH_KINDS), self.as_of_ns)
-
-    @cached_property
-    def scans_collected(self) -> np.ndarray:
-        """Per moment: carrier scans were being collected at ``as_of``."""
-        return _collected_at(self._collecting_since(SCAN_KINDS), self.as_of_ns)
-
-    @cached_property
-    def items(self) -> Columns:
-        """Product lines of known postings in a canonical order (posting, then line).
-
-        The canonical order makes every per-moment sum add its lines in the same order whatever
-        the order of the input rows, so shuffled tables give identical numbers. ``posting_row``
-        and ``value`` (unit price times quantity) are added.
-        """
-        items = self.history.items
-        posting_row = positions_of(self.posting_numbers, items["posting_number"])
-        known = np.flatnonzero(posting_row >= 0)
-        lines = items.take(known)
-        posting_row = posting_row[known]
-        order = np.lexsort(
-            (
-                sort_codes(lines["currency_code"]),
-                lines["unit_price"],
-                lines["quantity"],
-                sort_codes(lines["sku"]),
-                sort_codes(lines["offer_id"]),
-                lines["line_no"],
-                posting_row,
-            )
-        )
-        ordered = lines.take(order)
-        quantity, unit_price = ordered["quantity"], ordered["unit_price"]
-        return Columns(
-            len(order),
-            {
-                "posting_row": posting_row[order],
-                "line_no": ordered["line_no"],
-                "offer_id": ordered["offer_id"],
-                "sku": ordered["sku"],
-                "quantity": quantity,
-                "unit_price": unit_price,
-                "currency_code": ordered["currency_code"],
-                "value": unit_price * quantity,
-            },
-        )
-
-    @cached_property
-    def moment_lines(self) -> tuple[np.ndarray, np.ndarray]:
-        """(moment, item) position pairs: every product line of every moment's posting."""
-        counts = np.bincount(self.items["posting_row"], minlength=len(self.posting_numbers))
-        return _expand(self.posting_row, counts)
-
-    @cached_property
-    def history_values(self) -> dict[str, np.ndarray]:
-        """The learned history aggregates looked up at each moment (point in time)."""
-        moment_idx, item_idx = self.moment_lines
-        return self.aggregates.lookup_columns(
-            carrier_id=lookup_keys(self.posting_values("carrier_id")),
-            region=lookup_keys(self.posting_values("region")),
-            customer_id=lookup_keys(self.posting_values("customer_id")),
-            ordered_ns=self.ordered_ns,
-            as_of_ns=self.as_of_ns,
-            line_row=moment_idx,
-            line_sku=lookup_keys(self.items["sku"][item_idx]),
-            line_weight=self.items["value"][item_idx],
-        )
-
+from core.features.context import FeatureContext, expand_rows, hours_between
+from core.features.schema import (
+    DELIVERY_STAGES,
+    FEATURE_FAMILIES,
+    HANDED_OVER_STAGE,
+    RUB_PER_UNIT,
+    TOLERATED_SILENCE_HOURS,
+    ColumnValues,
+)
+from core.tables import HistoryTables
 
 # --- promise at a moment ----------------------------------------------------------------------
 
@@ -428,6 +111,31 @@ def build_promise_at(tables: HistoryTables, moments: pd.DataFrame) -> pd.DataFra
         },
         index=moments.index,
     )
+
+
+def _range_min(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """``min(values[lo:hi + 1])`` for each query, NaN where the range is empty.
+
+    A sparse table: level k holds the minima of windows of 2**k, and any range is covered by two
+    overlapping windows, so each level is one vectorised step over the queries of its length.
+    """
+    out = np.full(len(lo), np.nan)
+    ok = (lo >= 0) & (hi >= lo)
+    if not ok.any():
+        return out
+    lo, hi = lo[ok], hi[ok]
+    level = np.floor(np.log2(hi - lo + 1)).astype("int64")
+    window_min = np.asarray(values, dtype="float64")
+    result = np.empty(len(lo))
+    for k in range(int(level.max()) + 1):
+        if k > 0:
+            half = 1 << (k - 1)
+            window_min = np.fmin(window_min[:-half], window_min[half:])
+        chosen = level == k
+        if chosen.any():
+            result[chosen] = np.fmin(window_min[lo[chosen]], window_min[hi[chosen] - (1 << k) + 1])
+    out[ok] = result
+    return out
 
 
 # --- feature families -------------------------------------------------------------------------
@@ -606,11 +314,13 @@ def build_carrier_and_promise(ctx: FeatureContext) -> dict[str, ColumnValues]:
     pushes = ctx.pushes_collected
     return {
         "carrier": key_text(ctx.posting_values("carrier_id")),
-        "promised_lead_time_hours": _hours(end_at_order, ctx.ordered_ns),
-        "hours_to_shipment_deadline": _hours(ctx.posting_ns("shipment_deadline_at"), ctx.as_of_ns),
-        "hours_to_promised_delivery_end": _hours(end_now, ctx.as_of_ns),
+        "promised_lead_time_hours": hours_between(end_at_order, ctx.ordered_ns),
+        "hours_to_shipment_deadline": hours_between(
+            ctx.posting_ns("shipment_deadline_at"), ctx.as_of_ns
+        ),
+        "hours_to_promised_delivery_end": hours_between(end_now, ctx.as_of_ns),
         "delivery_date_changes": np.where(pushes, changes, np.nan),
-        "delivery_date_shift_hours": np.where(pushes, _hours(end_now, end_at_order), np.nan),
+        "delivery_date_shift_hours": np.where(pushes, hours_between(end_now, end_at_order), np.nan),
     }
 
 
@@ -693,7 +403,7 @@ def _silent_hours_since_handover(
 
     latest = latest_row(row, at, ctx.posting_row, ctx.as_of_ns)
     last_ns = np.where(latest >= 0, gather(at, latest, NAT_NS), handed_over_ns)
-    open_gap = _hours(ctx.as_of_ns, last_ns) - TOLERATED_SILENCE_HOURS
+    open_gap = hours_between(ctx.as_of_ns, last_ns) - TOLERATED_SILENCE_HOURS
     silent_so_far = gather(silent_so_far_ns, latest, 0) / NS_PER_HOUR
     silent = silent_so_far + np.maximum(np.nan_to_num(open_gap), 0.0)
     return np.where(handed_over, silent, np.nan)
@@ -722,16 +432,18 @@ def build_timeline(ctx: FeatureContext) -> dict[str, ColumnValues]:
         ctx, handed_over, handed_over_ns, activity_row, activity_at
     )
     return {
-        "hours_since_order": _hours(ctx.as_of_ns, ctx.ordered_ns),
+        "hours_since_order": hours_between(ctx.as_of_ns, ctx.ordered_ns),
         "is_handed_over": handed_over.astype("float64"),
-        "hours_since_handover": np.where(handed_over, _hours(ctx.as_of_ns, handed_over_ns), np.nan),
+        "hours_since_handover": np.where(
+            handed_over, hours_between(ctx.as_of_ns, handed_over_ns), np.nan
+        ),
         "hours_since_last_activity": np.where(
-            activity_known, _hours(ctx.as_of_ns, last_activity_ns), np.nan
+            activity_known, hours_between(ctx.as_of_ns, last_activity_ns), np.nan
         ),
         "carrier_scans": np.where(ctx.scans_collected, scan_count, np.nan),
-        "hours_since_last_scan": _hours(ctx.as_of_ns, last_scan_ns),
+        "hours_since_last_scan": hours_between(ctx.as_of_ns, last_scan_ns),
         "delivery_stage": stage,
-        "hours_in_delivery_stage": _hours(ctx.as_of_ns, stage_since_ns),
+        "hours_in_delivery_stage": hours_between(ctx.as_of_ns, stage_since_ns),
         "silent_hours_since_handover": np.where(activity_known, silent_hours, np.nan),
     }
 
@@ -750,7 +462,7 @@ def build_listing(ctx: FeatureContext) -> dict[str, ColumnValues]:
     offer_row, offer_code = pairs // stride, pairs % stride
     pushes = ctx.pushes_collected
     counts = np.bincount(offer_row, minlength=len(ctx.posting_numbers))
-    moment_idx, offer_idx = _expand(ctx.posting_row, counts)
+    moment_idx, offer_idx = expand_rows(ctx.posting_row, counts)
     if len(edits) == 0 or len(moment_idx) == 0:
         out["card_edits_since_purchase"] = np.where(pushes, 0.0, np.nan)
         return out
@@ -771,7 +483,7 @@ def build_listing(ctx: FeatureContext) -> dict[str, ColumnValues]:
     last_per_moment = np.full(ctx.n, NAT_NS, dtype="int64")
     np.maximum.at(last_per_moment, moment_idx, last_edit_ns)
     out["card_edits_since_purchase"] = np.where(pushes, edits_total, np.nan)
-    out["hours_since_last_card_edit"] = _hours(ctx.as_of_ns, last_per_moment)
+    out["hours_since_last_card_edit"] = hours_between(ctx.as_of_ns, last_per_moment)
     return out
 
 
@@ -831,157 +543,3 @@ FAMILY_BUILDERS: dict[str, Callable[[FeatureContext], dict[str, ColumnValues]]] 
     "buyer_and_order": build_buyer_and_order,
     "history_rates": build_history_rates,
 }
-
-
-# --- public entry points ----------------------------------------------------------------------
-
-
-def _normalised_moments(moments: pd.DataFrame) -> pd.DataFrame:
-    """Moments with a string ``posting_number`` and a UTC ``as_of``; refuses unusable ones."""
-    missing = {"posting_number", "as_of"} - set(moments.columns)
-    if missing:
-        raise ValueError(f"moments need the columns {sorted(missing)}")
-    as_of = pd.to_datetime(moments["as_of"], utc=True).astype("datetime64[ns, UTC]")
-    if as_of.isna().any():
-        raise ValueError("every moment needs an as_of timestamp")
-    return pd.DataFrame(
-        {
-            "posting_number": moments["posting_number"].astype("string").array,
-            "as_of": as_of.array,
-        }
-    )
-
-
-def _check_unique_postings(tables: HistoryTables) -> None:
-    duplicated = tables.postings["posting_number"].duplicated()
-    if duplicated.any():
-        examples = tables.postings.loc[duplicated, "posting_number"].head(3).tolist()
-        raise ValueError(f"posting numbers must be unique in the postings table: {examples}")
-
-
-def build_feature_columns(
-    history: HistoryColumns,
-    posting_numbers: Array,
-    as_of_ns: np.ndarray,
-    aggregates: HistoryAggregates,
-) -> dict[str, ColumnValues]:
-    """The feature definition: every feature of each moment (posting, ``as_of`` in UTC ns).
-
-    One column per name of :data:`FEATURE_COLUMNS`, in the moments' order: categorical columns
-    as text keys (see :mod:`core.columns`), all others float (NaN = unknown). A moment whose
-    posting ``history`` does not hold gets all features missing. This is what training's
-    snapshots, the nightly batch and a REST request all run, on a million moments or on one.
-    """
-    as_of_ns = np.asarray(as_of_ns, dtype="int64")
-    # Moments in time order: every point-in-time join then meets its queries already sorted.
-    order = np.argsort(as_of_ns, kind="stable")
-    ctx = FeatureContext(history, posting_numbers[order], as_of_ns[order], aggregates)
-    columns: dict[str, ColumnValues] = {}
-    for builder in FAMILY_BUILDERS.values():
-        columns.update(builder(ctx))
-    restore = np.empty_like(order)
-    restore[order] = np.arange(len(order))
-    columns = {name: _take(values, restore) for name, values in columns.items()}
-    unknown = ctx.posting_row[restore] < 0
-    if unknown.any():
-        logger.warning("%d moments refer to postings the history does not hold", int(unknown.sum()))
-        columns = {name: _blank(values, unknown) for name, values in columns.items()}
-    return columns
-
-
-def build_feature_rows(
-    tables: HistoryTables,
-    moments: pd.DataFrame,
-    aggregates: HistoryAggregates | None = None,
-) -> pd.DataFrame:
-    """Features for each moment (``posting_number``, ``as_of``), one row each, in the same order.
-
-    :func:`build_feature_columns` on the normalised tables, as a frame indexed like ``moments``
-    with exactly :data:`FEATURE_COLUMNS` (categorical columns as ``string``). ``aggregates`` are
-    the history aggregates learned in training; without them they are fitted on ``tables`` at
-    the latest moment (point in time either way).
-    """
-    _check_unique_postings(tables)
-    normalised = _normalised_moments(moments)
-    if len(normalised) == 0:
-        return _assemble({column: np.empty(0) for column in FEATURE_COLUMNS}, moments.index)
-    if aggregates is None:
-        aggregates = HistoryAggregates.fit(tables, normalised["as_of"].max())
-    columns = build_feature_columns(
-        HistoryColumns.from_tables(tables),
-        normalised["posting_number"].array,
-        to_ns(normalised["as_of"]),
-        aggregates,
-    )
-    return _assemble(columns, moments.index)
-
-
-def _take(values: ColumnValues, rows: np.ndarray) -> ColumnValues:
-    return values[rows]
-
-
-def _blank(values: ColumnValues, where: np.ndarray) -> ColumnValues:
-    """``values`` missing (NA, None or NaN) where ``where``."""
-    if isinstance(values, np.ndarray) and values.dtype != object:
-        return np.where(where, np.nan, values)
-    values = values.copy()
-    values[where] = None
-    return values
-
-
-def _assemble(columns: dict[str, ColumnValues], index: pd.Index) -> pd.DataFrame:
-    """The feature frame: :data:`FEATURE_COLUMNS` in order, strings or floats."""
-    data = {
-        column: pd.array(columns[column], dtype="string")
-        if column in CATEGORICAL_COLUMNS
-        else np.asarray(columns[column], dtype="float64")
-        for column in FEATURE_COLUMNS
-    }
-    return pd.DataFrame(data, index=index)
-
-
-def open_postings_at(tables: HistoryTables, as_of: pd.Timestamp | str) -> pd.Index:
-    """The posting numbers open at ``as_of`` (ordered, not delivered or cancelled by then), sorted.
-
-    A posting with a terminal status but no known closing time cannot be placed in time and is
-    never open; how many there are is logged.
-    """
-    as_of_ns = to_utc(as_of).value
-    postings = tables.postings
-    resolutions = build_resolutions(postings)
-    ordered_ns = to_ns(postings["ordered_at"])
-    unplaceable = resolutions["closing_time_unknown"].to_numpy()
-    is_open = build_open_mask(
-        ordered_ns, to_ns(resolutions["closed_at"]), unplaceable, np.full(len(postings), as_of_ns)
-    )
-    n_unplaceable = int((unplaceable & (ordered_ns != NAT_NS) & (ordered_ns <= as_of_ns)).sum())
-    if n_unplaceable:
-        logger.info(
-            "%d postings have a terminal status but no closing time and are never open",
-            n_unplaceable,
-        )
-    numbers = postings.loc[is_open, "posting_number"].astype("string")
-    return pd.Index(numbers.sort_values().to_numpy(), dtype="string", name="posting_number")
-
-
-def build_features(
-    tables: HistoryTables,
-    as_of: pd.Timestamp | str,
-    aggregates: HistoryAggregates | None = None,
-) -> pd.DataFrame:
-    """Features of every posting open at ``as_of``, indexed by ``posting_number``.
-
-    The feature function of the project; the same as :func:`build_feature_rows` on the moments
-    (open posting, ``as_of``).
-    """
-    as_of = to_utc(as_of)
-    open_postings = open_postings_at(tables, as_of)
-    moments = pd.DataFrame(
-        {
-            "posting_number": open_postings.to_numpy(),
-            "as_of": from_ns(np.full(len(open_postings), as_of.value, dtype="int64")),
-        }
-    )
-    rows = build_feature_rows(tables, moments, aggregates)
-    rows.index = open_postings
-    return rows
