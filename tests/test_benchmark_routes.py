@@ -17,9 +17,10 @@ def test_the_route_benchmark_measures_every_route(trained_shop, trained_model_di
         str(trained_shop.history_dir), str(trained_model_dir), requests=6, repeats=1
     )
     assert set(report) == {
-        "prepare_fast",
-        "prepare_fast: history lookup",
-        "history lookup of all requests in one call",
+        "prepare_fast (checks, features to come)",
+        "prepare_fast: parse_request",
+        "features of one request",
+        "features of all requests in one pass",
         "prepare_reference",
         "prepare_reference: tables_from_objects",
         "prepare_reference: build_features",
@@ -30,4 +31,4 @@ def test_the_route_benchmark_measures_every_route(trained_shop, trained_model_di
     latest = routes.measure_latest_row(1, sizes=[(20, 1), (300, 30)])
     assert list(latest) == ["20 rows, 1 queries", "300 rows, 30 queries"]
     table = routes.format_report(report, latest)
-    assert "| prepare_fast |" in table and "| 300 rows, 30 queries |" in table
+    assert "| features of one request |" in table and "| 300 rows, 30 queries |" in table
