@@ -23,7 +23,8 @@ from core.ingest.jsonlines import paused_garbage_collector
 
 if TYPE_CHECKING:
     from batch.models import ScoringModel
-    from core.explain import ExplanationColumns, Playbook
+    from core.explain import ExplanationColumns
+    from core.playbook import Playbook
 
 DEFAULT_CHUNK_ROWS = 100_000
 UTC_MICROS = pa.timestamp("us", tz="UTC")

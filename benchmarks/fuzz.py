@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.rest import (
+from benchmarks.harness import (
     API_KEY,
     build_service_requests,
     error_log_lines,

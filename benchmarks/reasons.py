@@ -3,7 +3,7 @@
 Run ``python -m benchmarks.reasons --history DIR --model URI`` (a trained model and a
 history, e.g. ``make demo``'s). For the postings open at the export moment it measures
 
-- the cost per posting of the counterfactual drops (:func:`core.explain.build_risk_drops`)
+- the cost per posting of the counterfactual drops (:func:`core.counterfactuals.build_risk_drops`)
   and of LightGBM's TreeSHAP contributions (``pred_contrib=True``), for one posting at a time
   and for all of them in one call (medians of ``--repeats``);
 - how often the two agree on the top cause, where TreeSHAP's contribution of a cause is the sum
@@ -19,9 +19,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from core.explain import CAUSES, build_risk_drops
+from core.counterfactuals import CAUSES, build_risk_drops
 
-# The features each cause's counterfactual sets (core/explain.py), for summing TreeSHAP.
+# The features each cause's counterfactual sets (core/counterfactuals.py), for summing TreeSHAP.
 CAUSE_FEATURES: dict[str, tuple[str, ...]] = {
     "price_drop": (
         "price_change_pct",

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.rest import (
+from benchmarks.harness import (
     API_KEY,
     Connection,
     Target,

@@ -261,7 +261,7 @@ def score(
     from batch.progress import build_progress
     from batch.spark import SparkBatchError, run_spark_batch
     from core.errors import HistoryError
-    from core.explain import LANGUAGES, load_playbook
+    from core.playbook import LANGUAGES, load_playbook
 
     if lang not in LANGUAGES:
         raise fail(f"--lang must be one of {', '.join(LANGUAGES)}, not {lang!r}")
@@ -349,8 +349,8 @@ def report(
     """Write the cause-analysis report: where cancellations come from, what to do today."""
     from batch.models import ModelSourceError, load_scoring_model
     from core.errors import HistoryError
-    from core.explain import LANGUAGES, load_playbook
     from core.ingest import load_history
+    from core.playbook import LANGUAGES, load_playbook
     from training.report import build_cause_analysis, write_report
 
     if lang not in LANGUAGES:

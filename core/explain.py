@@ -1,36 +1,49 @@
 """Why an order is at risk, what the seller should do, and whether it pays to act.
 
-Reasons are **counterfactual**: for each seller-facing cause that applies to an order, its
-features are set to their "no problem" values (price unchanged, scans up to date, on time, card
-untouched, ...) and the model scores the order again. The drop in calibrated probability is how
-much fixing that cause would help — the seller's real question — and ranks the causes. Only the
-causes that apply to an order are re-scored, and all of a batch's variants go through the
-booster in one call, so a reason costs about one extra predict per applicable cause (TreeSHAP
-would cost milliseconds per row and answer a less useful question: see the README's figures).
+Reasons are **counterfactual** (:mod:`core.counterfactuals`): for each seller-facing cause that
+applies to an order, its features are set to their "no problem" values (price unchanged, scans
+up to date, on time, card untouched, ...) and the model scores the order again. The drop in
+calibrated probability is how much fixing that cause would help — the seller's real question —
+and ranks the causes. Only the causes that apply to an order are re-scored, and all of a batch's
+variants go through the booster in one call, so a reason costs about one extra predict per
+applicable cause (TreeSHAP would cost milliseconds per row and answer a less useful question:
+see the README's figures).
 
 ``share`` is the reason's drop over the order's probability: the part of this order's risk that
 fixing the cause would remove. Shares of several causes need not add up to one (causes interact).
 
-The playbook (``playbook.yaml``, editable by the seller) maps each cause to its title, the facts
-shown and the actions, in English, Chinese and Russian.
+The playbook (``playbook.yaml``, editable by the seller; :mod:`core.playbook`) maps each cause to
+its title, the facts shown and the actions, in English, Chinese and Russian. This module ranks
+the causes into reasons, words them and picks the decision: :class:`Explainer`, which the batch,
+the report and the REST service all run.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import string
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
-from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from core.counterfactuals import reference_codes, risk_drop_matrix
+from core.playbook import (
+    DECISIONS,
+    LANGUAGES,
+    NO_SINGLE_CAUSE,
+    REASON_CODES,
+    FactColumns,
+    Playbook,
+    format_rows,
+    frame_fact_columns,
+    held_facts,
+    load_playbook,
+)
+
+# The REST service imports the fact values of rows held as dicts from here, with the rest.
+from core.playbook import row_fact_columns as row_fact_columns
 
 if TYPE_CHECKING:
     from core.costs import CostsConfig
@@ -38,130 +51,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LANGUAGES = ("en", "zh", "ru")
-CAUSES = (
-    "price_drop",
-    "late_delivery",
-    "tracking_quiet",
-    "not_shipped",
-    "listing_changed",
-    "buyer_profile",
-    "early_remorse",
-    "slow_carrier",
-)
-# The reason of a medium- or high-risk order that no single cause explains: its risk is that of
-# orders like it (carrier, region, payment), and no one fix would remove a noticeable part of it.
-NO_SINGLE_CAUSE = "no_single_cause"
-REASON_CODES = (*CAUSES, NO_SINGLE_CAUSE)
-DECISIONS = ("ship", "contact_buyer", "hold_and_confirm")
 MAX_REASONS = 3
 # A cause must remove at least this much probability to be named: noise is not a reason.
 MIN_RISK_DROP = 0.002
-
-
-# --- the playbook ------------------------------------------------------------------------------
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Texts(_Strict):
-    en: str
-    zh: str
-    ru: str
-
-    def get(self, lang: str) -> str:
-        return getattr(self, lang)
-
-
-class CauseEntry(_Strict):
-    title: Texts
-    facts: dict[str, Texts]
-    actions: list[Texts]
-
-
-class Playbook(_Strict):
-    causes: dict[str, CauseEntry]
-    decisions: dict[str, Texts]
-    # Absent from a playbook written before it existed: the shipped playbook's entry is used.
-    no_single_cause: CauseEntry | None = None
-
-    def entry(self, code: str) -> CauseEntry:
-        """The entry of a reason code: a cause, or :data:`NO_SINGLE_CAUSE`."""
-        if code != NO_SINGLE_CAUSE:
-            return self.causes[code]
-        return self.no_single_cause or _default_playbook().entry(code)
-
-    @model_validator(mode="after")
-    def _complete(self) -> Playbook:
-        missing = [c for c in CAUSES if c not in self.causes]
-        unknown = [c for c in self.causes if c not in CAUSES]
-        if missing or unknown:
-            raise ValueError(f"playbook causes: missing {missing}, unknown {unknown}")
-        missing_decisions = [d for d in DECISIONS if d not in self.decisions]
-        if missing_decisions:
-            raise ValueError(f"playbook decisions missing: {missing_decisions}")
-        for cause, fact_names in FACTS.items():
-            entry = self.causes.get(cause) if cause in CAUSES else self.no_single_cause
-            absent = [name for name in fact_names if entry and name not in entry.facts]
-            if absent:
-                raise ValueError(f"playbook cause {cause!r} lacks the facts {absent}")
-        self._check_templates()
-        return self
-
-    def _check_templates(self) -> None:
-        """Fill every fact template with a sample order's values, so that a misspelt value name
-        or format stops the playbook's loading, not a scoring run an hour later."""
-        sample = {name: column[0] for name, column in _sample_fact_columns().items()}
-        entries = {**self.causes, NO_SINGLE_CAUSE: self.no_single_cause}
-        for cause, entry in entries.items():
-            for fact, texts in entry.facts.items() if entry else ():
-                for lang in LANGUAGES:
-                    template = texts.get(lang)
-                    try:
-                        template.format_map(sample)
-                    except KeyError as exc:
-                        raise ValueError(
-                            f"playbook cause {cause!r} fact {fact!r} ({lang}) quotes "
-                            f"{{{exc.args[0]}}}, which is not a fact value; known: "
-                            f"{', '.join(sample)}"
-                        ) from None
-                    except (ValueError, IndexError, AttributeError, TypeError) as exc:
-                        raise ValueError(
-                            f"playbook cause {cause!r} fact {fact!r} ({lang}): the template "
-                            f"{template!r} cannot be filled ({exc})"
-                        ) from None
-
-
-def load_playbook(path: str | Path | None = None) -> Playbook:
-    """The playbook at ``path``, or the one shipped with the package."""
-    if path is None:
-        return _default_playbook()
-    try:
-        return _parse_playbook(Path(path).read_text(encoding="utf-8"))
-    except ValidationError as exc:
-        problems = "; ".join(_describe_error(error) for error in exc.errors())
-        raise ValueError(f"playbook {path} is not usable: {problems}") from None
-    except (yaml.YAMLError, ValueError) as exc:
-        raise ValueError(f"playbook {path} is not usable: {exc}") from None
-
-
-def _describe_error(error: Mapping[str, Any]) -> str:
-    """One validation error as the seller reads it: where in the file, and what is wrong."""
-    message = str(error["msg"]).removeprefix("Value error, ")
-    where = ".".join(str(part) for part in error["loc"])
-    return f"{where}: {message}" if where else message
-
-
-@cache
-def _default_playbook() -> Playbook:
-    text = resources.files("core").joinpath("playbook.yaml").read_text(encoding="utf-8")
-    return _parse_playbook(text)
-
-
-def _parse_playbook(text: str) -> Playbook:
-    return Playbook.model_validate(yaml.safe_load(text))
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -182,480 +74,6 @@ class Explanation:
     actions: tuple[str, ...]
     decision: str
     expected_saving: float
-
-
-# --- counterfactuals ---------------------------------------------------------------------------
-
-
-class _Matrix:
-    """Named access to the columns of a model matrix (rows: orders, columns: features)."""
-
-    def __init__(self, matrix: np.ndarray, positions: Mapping[str, int]):
-        self.values = matrix
-        self.positions = positions
-
-    def __getitem__(self, column: str) -> np.ndarray:
-        return self.values[:, self.positions[column]]
-
-    def __setitem__(self, column: str, values: np.ndarray | float) -> None:
-        self.values[:, self.positions[column]] = values
-
-
-# Comparisons where an unknown (NaN) value never meets the bound, as IEEE comparisons already do.
-def _gt(x: np.ndarray, bound: float) -> np.ndarray:
-    return np.greater(x, bound)
-
-
-def _lt(x: np.ndarray, bound: float) -> np.ndarray:
-    return np.less(x, bound)
-
-
-@dataclass(frozen=True)
-class Cause:
-    """When a cause applies to an order, and the order's features with the cause fixed."""
-
-    code: str
-    applies: Callable[[_Matrix, Mapping[str, float]], np.ndarray]
-    fix: Callable[[_Matrix, Mapping[str, float]], None]
-
-
-def _price_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
-    return (
-        _lt(m["price_change_pct"], -0.5)
-        | _lt(m["lowest_price_change_pct"], -0.5)
-        | _gt(m["promotion_since_purchase"], 0)
-    )
-
-
-def _price_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
-    m["price_change_pct"] = np.fmax(m["price_change_pct"], 0.0)
-    m["lowest_price_change_pct"] = np.fmax(m["lowest_price_change_pct"], 0.0)
-    m["price_changes_since_purchase"] = 0.0
-    m["promotion_since_purchase"] = 0.0
-
-
-def _late_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
-    return _lt(m["hours_to_promised_delivery_end"], 24.0) | _gt(m["delivery_date_changes"], 0)
-
-
-def _late_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
-    m["hours_to_promised_delivery_end"] = np.fmax(m["hours_to_promised_delivery_end"], 72.0)
-    m["delivery_date_changes"] = 0.0
-    m["delivery_date_shift_hours"] = 0.0
-
-
-def _quiet_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
-    # Quiet now, or stuck for a while since the handover (the parcel barely moved meanwhile).
-    quiet = _gt(m["hours_since_last_activity"], 48.0) | _gt(m["silent_hours_since_handover"], 0)
-    return _gt(m["is_handed_over"], 0.5) & quiet
-
-
-def _quiet_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
-    # Tracking that kept moving: a recent update and no silence since the handover.
-    m["hours_since_last_activity"] = np.fmin(m["hours_since_last_activity"], 12.0)
-    m["hours_since_last_scan"] = np.where(
-        np.isnan(m["hours_since_last_scan"]), np.nan, np.fmin(m["hours_since_last_scan"], 12.0)
-    )
-    silent = m["silent_hours_since_handover"]
-    m["silent_hours_since_handover"] = np.where(np.isnan(silent), np.nan, 0.0)
-
-
-def _not_shipped_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
-    return _lt(m["is_handed_over"], 0.5) & _gt(m["hours_since_order"], 48.0)
-
-
-def _not_shipped_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
-    # Shipped a day after the order, with its first scan half a day ago.
-    m["is_handed_over"] = 1.0
-    m["hours_since_handover"] = np.fmax(m["hours_since_order"] - 24.0, 1.0)
-    m["hours_since_last_activity"] = np.fmin(m["hours_since_last_activity"], 12.0)
-
-
-def _listing_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
-    return _gt(m["card_edits_since_purchase"], 0)
-
-
-def _listing_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
-    m["card_edits_since_purchase"] = 0.0
-    m["hours_since_last_card_edit"] = np.nan
-
-
-def _buyer_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
-    applies = _gt(m["buyer_earlier_buyer_cancels"], 0) | (m["buyer_earlier_postings"] == 0)
-    for column in ("payment_type", "region"):
-        if column in ref:
-            applies |= ~np.isnan(m[column]) & (m[column] != ref[column])
-    return applies
-
-
-def _buyer_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
-    # The typical buyer: returning, no earlier cancellations, the usual payment and region.
-    m["buyer_earlier_buyer_cancels"] = 0.0
-    m["buyer_earlier_postings"] = np.fmax(m["buyer_earlier_postings"], 1.0)
-    for column in ("payment_type", "region", "region_buyer_cancel_rate"):
-        if column in ref:
-            m[column] = ref[column]
-
-
-def _remorse_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
-    return _lt(m["hours_since_order"], 48.0)
-
-
-def _remorse_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
-    m["hours_since_order"] = 48.0
-
-
-def _carrier_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
-    if "carrier_buyer_cancel_rate" not in ref:
-        return np.zeros(len(m.values), dtype=bool)
-    return _gt(m["carrier_buyer_cancel_rate"], ref["carrier_buyer_cancel_rate"])
-
-
-def _carrier_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
-    # The shop's usual carrier with its usual record and promise.
-    for column in ("carrier", "carrier_buyer_cancel_rate", "promised_lead_time_hours"):
-        if column in ref:
-            m[column] = ref[column]
-
-
-CAUSE_RULES = (
-    Cause("price_drop", _price_applies, _price_fix),
-    Cause("late_delivery", _late_applies, _late_fix),
-    Cause("tracking_quiet", _quiet_applies, _quiet_fix),
-    Cause("not_shipped", _not_shipped_applies, _not_shipped_fix),
-    Cause("listing_changed", _listing_applies, _listing_fix),
-    Cause("buyer_profile", _buyer_applies, _buyer_fix),
-    Cause("early_remorse", _remorse_applies, _remorse_fix),
-    Cause("slow_carrier", _carrier_applies, _carrier_fix),
-)
-
-
-# The typical order the buyer-profile and carrier counterfactuals compare with.
-REFERENCE_COLUMNS = (
-    "payment_type",
-    "region",
-    "region_buyer_cancel_rate",
-    "carrier",
-    "carrier_buyer_cancel_rate",
-    "promised_lead_time_hours",
-)
-
-
-def build_reference_values(
-    training_rows: pd.DataFrame, categorical_columns: tuple[str, ...] | list[str]
-) -> dict[str, str | float]:
-    """Most frequent level (categorical) or median (numeric) of each reference column.
-
-    The rate of the usual carrier (region) is that carrier's own rate at the latest training
-    moment: a median over all moments would mix in its first weeks, when cancellations (resolved
-    in days) had come in and deliveries (weeks) had not, and make every carrier look better than
-    the usual one. Learned in training, stored with the model (``metadata["reference_values"]``).
-    """
-    reference: dict[str, str | float] = {}
-    for column in REFERENCE_COLUMNS:
-        if column not in training_rows.columns:
-            continue
-        values = training_rows[column].dropna()
-        if values.empty:
-            continue
-        if column in categorical_columns:
-            counts = values.astype("string").value_counts()
-            reference[column] = str(counts.sort_index().idxmax())
-        else:
-            reference[column] = float(values.astype("float64").median())
-    for rate, level in REFERENCE_RATES.items():
-        latest = _latest_rate(training_rows, rate, level, reference.get(level))
-        if latest is not None:
-            reference[rate] = latest
-    return reference
-
-
-# Rates that belong to a reference level: the usual carrier's and the usual region's record.
-REFERENCE_RATES = {"carrier_buyer_cancel_rate": "carrier", "region_buyer_cancel_rate": "region"}
-
-
-def _latest_rate(training_rows: pd.DataFrame, rate: str, level: str, usual: object) -> float | None:
-    """``rate`` of the rows of level ``usual`` at the latest moment that has it (None: none)."""
-    if usual is None or not {rate, level, "as_of"} <= set(training_rows.columns):
-        return None
-    rows = training_rows[
-        (training_rows[level].astype("string") == usual).to_numpy(dtype=bool, na_value=False)
-    ]
-    rows = rows[rows[rate].notna().to_numpy()]
-    if rows.empty:
-        return None
-    latest = rows[(rows["as_of"] == rows["as_of"].max()).to_numpy()]
-    return float(latest[rate].astype("float64").median())
-
-
-def reference_codes(model: RiskModel) -> dict[str, float]:
-    """The typical order's values the buyer-profile counterfactual uses, in matrix encoding.
-
-    Categorical references are the most frequent level in training (stored with the model as
-    ``metadata["reference_values"]``); a model without them simply leaves those columns alone.
-    """
-    reference = model.metadata.get("reference_values", {}) or {}
-    codes: dict[str, float] = {}
-    for column, value in reference.items():
-        if column not in model.feature_columns or value is None:
-            continue
-        levels = model.category_levels.get(column)
-        if levels is None:
-            codes[column] = float(value)
-        elif str(value) in levels:
-            codes[column] = float(levels.index(str(value)))
-    return codes
-
-
-def build_risk_drops(
-    model: RiskModel, features: pd.DataFrame, probabilities: np.ndarray | None = None
-) -> pd.DataFrame:
-    """How much each applicable cause would lower each order's calibrated probability.
-
-    Returns a frame with one column per cause (NaN where the cause does not apply), aligned
-    with ``features``. All counterfactual rows are scored in one booster call.
-    """
-    matrix = model.build_matrix(features)
-    raw = model.predict_matrix_raw(matrix)
-    if probabilities is None:
-        probabilities = model.calibrator.transform(raw)
-    drops = risk_drop_matrix(model, matrix, raw, np.asarray(probabilities, dtype="float64"))
-    return pd.DataFrame(drops, index=features.index, columns=list(CAUSES))
-
-
-def risk_drop_matrix(
-    model: RiskModel,
-    matrix: np.ndarray,
-    raw: np.ndarray,
-    probabilities: np.ndarray,
-    reference: Mapping[str, float] | None = None,
-) -> np.ndarray:
-    """:func:`build_risk_drops` on the model matrix: rows x :data:`CAUSES`, NaN where a cause
-    does not apply. ``raw`` is the booster's score of ``matrix``; ``reference`` the typical
-    order's values in matrix encoding (:func:`reference_codes`, looked up when not given)."""
-    reference = reference_codes(model) if reference is None else reference
-    positions = {c: i for i, c in enumerate(model.feature_columns)}
-    base = _Matrix(matrix, positions)
-    blocks, owners = [], []
-    for cause in CAUSE_RULES:
-        rows = np.flatnonzero(cause.applies(base, reference))
-        if rows.size == 0:
-            continue
-        variant = _Matrix(matrix[rows].copy(), positions)
-        cause.fix(variant, reference)
-        blocks.append(variant.values)
-        owners.append((CAUSES.index(cause.code), rows))
-    drops = np.full((len(matrix), len(CAUSES)), np.nan)
-    if not blocks:
-        return drops
-    fixed_raw = model.predict_matrix_raw(np.vstack(blocks))
-    start = 0
-    for column, rows in owners:
-        fixed = _shift_log_odds(
-            probabilities[rows], raw[rows], fixed_raw[start : start + rows.size]
-        )
-        drops[rows, column] = probabilities[rows] - fixed
-        start += rows.size
-    return drops
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-9, 1 - 1e-9)
-    return np.log(p) - np.log1p(-p)
-
-
-def _shift_log_odds(calibrated: np.ndarray, raw: np.ndarray, raw_fixed: np.ndarray) -> np.ndarray:
-    """The calibrated probability moved by the booster's change in log-odds.
-
-    The isotonic calibrator is flat within its bins, so passing the counterfactual raw score
-    through it would report no change for many real changes; moving the calibrated log-odds by
-    the booster's own shift keeps every change and agrees with the calibrator where it is smooth.
-    """
-    shifted = _logit(calibrated) + _logit(raw_fixed) - _logit(raw)
-    return 1.0 / (1.0 + np.exp(-shifted))
-
-
-# --- facts -------------------------------------------------------------------------------------
-
-FACTS: dict[str, tuple[str, ...]] = {
-    "price_drop": ("cheaper",),
-    "late_delivery": ("late", "due", "moved"),
-    "tracking_quiet": ("quiet", "stalled"),
-    "not_shipped": ("waiting",),
-    "listing_changed": ("edited",),
-    "buyer_profile": ("payment", "earlier_cancels", "first_time", "region"),
-    "early_remorse": ("recent",),
-    "slow_carrier": ("record",),
-    NO_SINGLE_CAUSE: ("profile",),
-}
-
-
-# The feature columns the facts quote: numbers, and names shown as they are.
-FACT_NUMBER_COLUMNS = (
-    "price_change_pct",
-    "lowest_price_change_pct",
-    "hours_to_promised_delivery_end",
-    "delivery_date_changes",
-    "hours_since_last_activity",
-    "silent_hours_since_handover",
-    "hours_since_order",
-    "card_edits_since_purchase",
-    "buyer_earlier_buyer_cancels",
-    "buyer_earlier_postings",
-    "carrier_buyer_cancel_rate",
-)
-FACT_TEXT_COLUMNS = ("payment_type", "region", "carrier")
-
-# The values the fact templates quote, by name: one list per name, a row per order.
-FactColumns = dict[str, list]
-
-
-def fact_columns(
-    numbers: Mapping[str, np.ndarray], texts: Mapping[str, Sequence[object]]
-) -> FactColumns:
-    """The values the fact templates quote, computed column by column.
-
-    ``numbers`` holds :data:`FACT_NUMBER_COLUMNS` as float arrays (NaN: unknown), ``texts``
-    holds :data:`FACT_TEXT_COLUMNS` as sequences of strings (None or NA: unknown, shown "?").
-    Numbers come out as Python floats, which the templates format.
-    """
-    price_now = numbers["price_change_pct"]
-    to_promise = numbers["hours_to_promised_delivery_end"]
-    hours_since_order = numbers["hours_since_order"]
-    overdue_days = -to_promise / 24.0
-    columns: dict[str, np.ndarray | list] = {
-        "price_pct": np.where(_lt(price_now, -0.5), price_now, numbers["lowest_price_change_pct"]),
-        "days_late": np.where(  # max(0, overdue) as Python's max gives it: never -0.0
-            np.isnan(to_promise), np.nan, np.where(overdue_days > 0.0, overdue_days, 0.0)
-        ),
-        "days_to_promise": to_promise / 24.0,
-        "date_changes": numbers["delivery_date_changes"],
-        "quiet_days": numbers["hours_since_last_activity"] / 24.0,
-        "silent_days": numbers["silent_hours_since_handover"] / 24.0,
-        "days_since_order": hours_since_order / 24.0,
-        "hours_since_order": hours_since_order,
-        "edits": numbers["card_edits_since_purchase"],
-        "earlier_cancels": numbers["buyer_earlier_buyer_cancels"],
-        "earlier_postings": numbers["buyer_earlier_postings"],
-        "payment": _shown(texts["payment_type"]),
-        "region": _shown(texts["region"]),
-        "carrier": _shown(texts["carrier"]),
-        "carrier_cancel_pct": 100.0 * numbers["carrier_buyer_cancel_rate"],
-    }
-    return {
-        name: column.tolist() if isinstance(column, np.ndarray) else column
-        for name, column in columns.items()
-    }
-
-
-@cache
-def _sample_fact_columns() -> FactColumns:
-    """The fact values of one made-up order: what a template is checked against."""
-    return fact_columns(
-        {column: np.ones(1) for column in FACT_NUMBER_COLUMNS},
-        {column: ["sample"] for column in FACT_TEXT_COLUMNS},
-    )
-
-
-def frame_fact_columns(features: pd.DataFrame) -> FactColumns:
-    """:func:`fact_columns` of the rows of a feature frame."""
-    return fact_columns(
-        {c: features[c].to_numpy(dtype="float64", na_value=np.nan) for c in FACT_NUMBER_COLUMNS},
-        {c: features[c].tolist() for c in FACT_TEXT_COLUMNS},
-    )
-
-
-def row_fact_columns(rows: Sequence[Mapping[str, Any]]) -> FactColumns:
-    """:func:`fact_columns` of feature rows held as dicts (missing numbers None or NaN)."""
-    return fact_columns(
-        {
-            c: np.array([np.nan if row[c] is None else row[c] for row in rows], dtype="float64")
-            for c in FACT_NUMBER_COLUMNS
-        },
-        {c: [row[c] for row in rows] for c in FACT_TEXT_COLUMNS},
-    )
-
-
-def _shown(names: Sequence[object]) -> list[str]:
-    return [name if isinstance(name, str) and name else "?" for name in names]
-
-
-def _quoted_numbers(columns: FactColumns, row: int) -> dict[str, float]:
-    """The known numbers among a row's fact values (a reason's ``values``)."""
-    return {
-        name: value
-        for name, column in columns.items()
-        if isinstance(value := column[row], float) and value == value
-    }
-
-
-def _held_facts(
-    cause: str, columns: FactColumns, rows: np.ndarray, reference: Mapping[str, str]
-) -> dict[str, np.ndarray]:
-    """For each fact of ``cause`` (in the playbook's order), whether it holds at each row."""
-
-    def numbers(name: str) -> np.ndarray:
-        return np.asarray(columns[name], dtype="float64")[rows]
-
-    def differs(name: str, reference_name: str) -> np.ndarray:
-        if reference_name not in reference:
-            return np.zeros(len(rows), dtype=bool)
-        return np.asarray(columns[name], dtype=object)[rows] != reference[reference_name]
-
-    if cause == "tracking_quiet":
-        # Quiet now says it all; moving again after a silence, the silence is the fact.
-        quiet = _gt(numbers("quiet_days"), 2.0)
-        return {"quiet": quiet, "stalled": ~quiet}
-    if cause == "late_delivery":
-        late = _gt(numbers("days_late"), 0.0)
-        return {"late": late, "due": ~late, "moved": _gt(numbers("date_changes"), 0.0)}
-    if cause == "buyer_profile":
-        held = {
-            "payment": differs("payment", "payment_type") | ("payment_type" not in reference),
-            "earlier_cancels": _gt(numbers("earlier_cancels"), 0.0),
-            "first_time": numbers("earlier_postings") == 0.0,
-            "region": differs("region", "region"),
-        }
-        held["payment"] |= ~np.logical_or.reduce(list(held.values()))  # the payment at least
-        return held
-    return {name: np.ones(len(rows), dtype=bool) for name in FACTS[cause]}
-
-
-_FORMATTER = string.Formatter()
-
-
-@cache
-def _template_parts(template: str) -> tuple[tuple[str, str | None, str, str | None], ...] | None:
-    """A template's literal texts and fields, or None when a field is more than a plain name
-    (an attribute, an index, a nested format): such a template is formatted row by row."""
-    parts = tuple(_FORMATTER.parse(template))
-    for _, field, spec, _ in parts:
-        if field is not None and (not field.isidentifier() or "{" in spec):
-            return None
-    return parts
-
-
-_CONVERSIONS: dict[str | None, Callable[[object], object]] = {
-    None: lambda value: value,
-    "s": str,
-    "r": repr,
-    "a": ascii,
-}
-
-
-def format_rows(template: str, columns: FactColumns, rows: Sequence[int]) -> list[str]:
-    """``template.format_map`` of the fact values of each row at ``rows``, field by field."""
-    parts = _template_parts(template)
-    if parts is None:
-        return [template.format_map({k: v[row] for k, v in columns.items()}) for row in rows]
-    pieces: list[Iterable[str]] = []
-    for literal, field, spec, conversion in parts:
-        if literal:
-            pieces.append(itertools.repeat(literal, len(rows)))
-        if field is not None:
-            column, convert = columns[field], _CONVERSIONS[conversion]
-            pieces.append([format(convert(column[row]), spec) for row in rows])
-    return ["".join(texts) for texts in zip(*pieces, strict=True)] if pieces else [""] * len(rows)
 
 
 # --- decisions ---------------------------------------------------------------------------------
@@ -746,6 +164,15 @@ class ExplanationColumns:
                 )
             )
         return explanations
+
+
+def _quoted_numbers(columns: FactColumns, row: int) -> dict[str, float]:
+    """The known numbers among a row's fact values (a reason's ``values``)."""
+    return {
+        name: value
+        for name, column in columns.items()
+        if isinstance(value := column[row], float) and value == value
+    }
 
 
 def build_explanations(
@@ -908,7 +335,7 @@ class Explainer:
     def _facts(self, code: str, values: FactColumns, rows: np.ndarray, lang: str) -> list[str]:
         """The facts of reason ``code`` at each of ``rows`` (rows of ``values``), joined."""
         entry = self.playbook.entry(code)
-        held = _held_facts(code, values, rows, self.reference)
+        held = held_facts(code, values, rows, self.reference)
         if len(held) == 1:
             (name,) = held
             return format_rows(entry.facts[name].get(lang), values, rows.tolist())

@@ -21,7 +21,7 @@ from pydantic import (
     field_validator,
 )
 
-# The same values as core.explain.LANGUAGES / DECISIONS and core.model.RISK_LEVELS
+# The same values as core.playbook.LANGUAGES / DECISIONS and core.model.RISK_LEVELS
 # (tests/test_serving_routes.py checks they agree).
 Lang = Literal["en", "zh", "ru"]
 RiskLevel = Literal["low", "medium", "high"]

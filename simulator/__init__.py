@@ -6,7 +6,7 @@ export moment and their outcomes after it).
 """
 
 from simulator.export import write_history
+from simulator.parameters import Dynamics, SimulationConfig
 from simulator.shop import SimulatedWorld, simulate_shop
-from simulator.world import Dynamics, SimulationConfig
 
 __all__ = ["Dynamics", "SimulatedWorld", "SimulationConfig", "simulate_shop", "write_history"]

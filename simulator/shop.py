@@ -9,19 +9,21 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from simulator.world import (
+from simulator.parameters import (
     CARRIERS,
     COD_PAYMENT,
     OPEN,
     REGIONS,
+    SimulationConfig,
+    world_arrays,
+)
+from simulator.world import (
     Lines,
     Offers,
     Population,
     Postings,
     Recorder,
-    SimulationConfig,
     advance,
-    world_arrays,
 )
 
 logger = logging.getLogger(__name__)

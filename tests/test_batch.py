@@ -36,15 +36,10 @@ from batch.output import (
 )
 from batch.progress import LogProgress, RichProgress, build_progress
 from cancel_risk.cli import app
-from core.explain import (
-    DECISIONS,
-    REASON_CODES,
-    build_explanations,
-    explanation_to_dict,
-    load_playbook,
-)
+from core.explain import build_explanations, explanation_to_dict
 from core.features import build_features, open_postings_at
 from core.ingest import load_history
+from core.playbook import DECISIONS, REASON_CODES, load_playbook
 
 runner = CliRunner()
 

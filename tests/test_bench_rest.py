@@ -14,7 +14,7 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from benchmarks import rest
+from benchmarks import harness, rest, rest_servers
 
 
 def _booster() -> tuple[lgb.Booster, np.ndarray]:
@@ -28,7 +28,7 @@ def _booster() -> tuple[lgb.Booster, np.ndarray]:
 
 def test_mlserver_body_is_one_v2_row_with_missing_values_as_null() -> None:
     row = [1.5, math.nan, -2.0, 0.0]
-    body = rest.mlserver_body(row)
+    body = rest_servers.mlserver_body(row)
     # Strict JSON (MLServer reads it with orjson, which refuses NaN literals).
     request = json.loads(body, parse_constant=lambda name: pytest.fail(f"{name} in body"))
     assert request == {
@@ -43,18 +43,18 @@ def test_mlserver_body_is_one_v2_row_with_missing_values_as_null() -> None:
 
 def test_mlserver_body_refuses_infinity() -> None:
     with pytest.raises(ValueError):
-        rest.mlserver_body([math.inf, 1.0])
+        rest_servers.mlserver_body([math.inf, 1.0])
 
 
 def test_mlserver_prediction_reads_the_v2_response() -> None:
     output = {"name": "predict", "shape": [1, 1], "datatype": "FP64", "data": [0.25]}
     body = json.dumps({"model_name": "lgbm", "outputs": [output]}).encode()
-    assert rest.mlserver_prediction(body) == 0.25
+    assert rest_servers.mlserver_prediction(body) == 0.25
 
 
 def test_write_mlserver_models(tmp_path: Path) -> None:
     booster, x = _booster()
-    models = rest.write_mlserver_models(tmp_path / "models", booster, [18080, 18081, 18082])
+    models = rest_servers.write_mlserver_models(tmp_path / "models", booster, [18080, 18081, 18082])
     settings = json.loads((models / "settings.json").read_text())
     assert settings == {
         "debug": False,
@@ -88,18 +88,18 @@ def test_found_mlserver_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
     monkeypatch.chdir(tmp_path)
-    assert rest.find_mlserver(Path("bin/mlserver")) == binary
+    assert rest_servers.find_mlserver(Path("bin/mlserver")) == binary
 
 
 def test_mlserver_environment_pins_one_thread_and_its_own_path() -> None:
-    env = rest.mlserver_environment(Path("/opt/ms/bin/mlserver"))
+    env = rest_servers.mlserver_environment(Path("/opt/ms/bin/mlserver"))
     assert env["OMP_NUM_THREADS"] == "1"
     assert env["PATH"].split(os.pathsep)[0] == "/opt/ms/bin"
     assert "VIRTUAL_ENV" not in env
 
 
 def test_free_ports_are_distinct() -> None:
-    ports = rest.free_ports(3)
+    ports = harness.free_ports(3)
     assert len(set(ports)) == 3
 
 
@@ -109,15 +109,15 @@ def test_check_listener_knows_whose_port_it_is() -> None:
         listener.listen()
         port = listener.getsockname()[1]
         me = SimpleNamespace(pid=os.getpid())
-        rest.check_listener(port, me)  # type: ignore[arg-type]
-        idle = rest.free_port()
+        harness.check_listener(port, me)  # type: ignore[arg-type]
+        idle = harness.free_port()
         with pytest.raises(RuntimeError, match="not served by the process started here"):
-            rest.check_listener(idle, me)  # type: ignore[arg-type]
+            harness.check_listener(idle, me)  # type: ignore[arg-type]
 
 
 def test_answer_check_rows_take_missing_values_first() -> None:
     rows = [[1.0], [math.nan], [2.0], [math.nan]]
-    assert rest.answer_check_rows(rows, count=1) == [1, 0, 2]
+    assert rest_servers.answer_check_rows(rows, count=1) == [1, 0, 2]
 
 
 def _figures(name: str, p99: float, rps8: float) -> dict:

@@ -9,18 +9,10 @@ import pandas as pd
 import pytest
 
 from core.costs import CostsConfig
-from core.explain import (
-    CAUSES,
-    LANGUAGES,
-    NO_SINGLE_CAUSE,
-    build_decisions,
-    build_explanations,
-    build_reference_values,
-    build_risk_drops,
-    format_rows,
-    load_playbook,
-)
+from core.counterfactuals import CAUSES, build_reference_values, build_risk_drops
+from core.explain import build_decisions, build_explanations
 from core.features import build_features
+from core.playbook import LANGUAGES, NO_SINGLE_CAUSE, format_rows, load_playbook
 from core.tables import EVENT_COLUMNS, HistoryTables, conform
 
 HOUR = pd.Timedelta(hours=1)

@@ -50,7 +50,7 @@ from hostile import (
 )
 from typer.testing import CliRunner
 
-from benchmarks.rest import stop_process
+from benchmarks.harness import stop_process
 from cancel_risk.cli import app
 from cancel_risk.examples import load_history_records, open_score_requests
 from core.errors import HistoryError

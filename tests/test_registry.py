@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from benchmarks.rest import stop_process
+from benchmarks.harness import stop_process
 from core.features import FEATURE_VERSION
 from core.model import IncompatibleModelError, RiskModel
 from core.pyfunc import load_risk_model

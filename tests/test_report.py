@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cancel_risk.cli import app
-from core.explain import CAUSES
+from core.counterfactuals import CAUSES
 from training.report import build_cause_analysis, render_report_html, write_report
 
 CHROMIUM = shutil.which("chromium")

@@ -35,7 +35,7 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from benchmarks.dependency_audit import run_audit, summarise
-from benchmarks.rest import (
+from benchmarks.harness import (
     build_service_requests,
     start_service,
     stop_process,

@@ -23,7 +23,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from benchmarks.rest import stop_process
+from benchmarks.harness import stop_process
 from cancel_risk.examples import latest_moment, load_history_records, open_score_requests
 from core.ingest import tables_from_objects
 

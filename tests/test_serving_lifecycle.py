@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from mlflow.tracking import MlflowClient
 
 from cancel_risk.examples import load_history_records, open_score_requests
-from serving import model_store
+from serving import model_loading
 from serving.app import create_app
 from serving.settings import ServiceSettings
 from training.registry import log_risk_model
@@ -146,7 +146,7 @@ def test_a_refused_reload_keeps_the_old_model_serving_during_and_after(
 ) -> None:
     loading = threading.Event()
     release = threading.Event()
-    real_load = model_store.load_risk_model_from_mlflow
+    real_load = model_loading.load_risk_model_from_mlflow
 
     def slow_load(uri: str):
         loading.set()

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cancel_risk.examples import load_history_records, open_score_requests
-from core.explain import DECISIONS, LANGUAGES
 from core.features import FEATURE_VERSION
 from core.model import RISK_LEVELS
+from core.playbook import DECISIONS, LANGUAGES
 from serving import schemas
 from serving.app import create_app
 from serving.scoring import MicroBatcher

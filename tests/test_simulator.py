@@ -11,11 +11,9 @@ import pandas as pd
 import pytest
 
 from simulator import SimulationConfig, simulate_shop, write_history
+from simulator.parameters import BUYER_CANCELLED, DELIVERED, OPEN
 from simulator.shop import true_probabilities
 from simulator.world import (
-    BUYER_CANCELLED,
-    DELIVERED,
-    OPEN,
     Lines,
     Offers,
     Population,

@@ -20,21 +20,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from core.explain import (
-    CAUSES,
-    build_explanations,
-    build_risk_drops,
-    load_playbook,
-    model_costs,
-)
+from core.counterfactuals import CAUSES, build_risk_drops
+from core.explain import build_explanations, model_costs
 from core.features import build_feature_rows, build_features
+from core.playbook import load_playbook
 from core.tables import HistoryTables
 from training.dataset import SnapshotConfig, build_scoring_moments, known_at
 from training.labels import build_labels
 
 if TYPE_CHECKING:
-    from core.explain import Playbook
     from core.model import RiskModel
+    from core.playbook import Playbook
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import mlflow
 import pandas as pd
 
 from core.aggregates import HistoryAggregates
-from core.explain import build_reference_values
+from core.counterfactuals import build_reference_values
 from core.features import (
     CATEGORICAL_COLUMNS,
     FEATURE_COLUMNS,

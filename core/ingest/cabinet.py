@@ -20,7 +20,7 @@ from core.ingest.batches import (
     build_rejects,
     empty_items,
 )
-from core.ingest.postings import (
+from core.ingest.posting_rules import (
     build_early_order_mask,
     build_product_checks,
     normalise_words,

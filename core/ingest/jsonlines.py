@@ -29,8 +29,9 @@ import pandas as pd
 
 from core.ingest.batches import Parsed, build_rejects, concat_frames
 from core.ingest.events import build_push_events
-from core.ingest.postings import RawPostings, build_raw_posting_batch
+from core.ingest.postings import build_raw_posting_batch
 from core.ingest.products import build_products
+from core.ingest.raw_postings import RawPostings
 
 # Lines decoded per step: bounds memory at full vector speed.
 CHUNK_LINES = 20_000

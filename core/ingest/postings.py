@@ -1,16 +1,17 @@
 """Seller API posting objects (FBS/rFBS and FBO) -> posting and item rows.
 
-The builder works on decoded JSON values. One Python pass (``RawPostings``) checks each
-record's shape and reads every used field into a row tuple (one pass per record costs a
+The builder works on decoded JSON values. One Python pass (``core.ingest.raw_postings``) checks
+each record's shape and reads every used field into a row tuple (one pass per record costs a
 fraction of one pass per field over a large list of dicts); the rows are then transposed into
 columns and converted vectorised, so a chunk of postings costs a few dozen column operations
 rather than a DataFrame per record. The pass takes any iterable, so a reader can decode each
-line just before the pass reads it (see ``core.ingest.jsonlines``).
+line just before the pass reads it (see ``core.ingest.jsonlines``). The rules on the values
+(who cancelled, usable products and order times) are ``core.ingest.posting_rules``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,9 +24,17 @@ from core.ingest.batches import (
     build_rejects,
     empty_items,
 )
+
+# The REST service's request lane checks quantities against the same bound.
+from core.ingest.posting_rules import MAX_QUANTITY as MAX_QUANTITY
+from core.ingest.posting_rules import (
+    build_cancelled_by,
+    build_early_order_mask,
+    build_product_checks,
+)
+from core.ingest.raw_postings import RawColumns, RawPostings
 from core.ingest.values import (
     EARLIEST_ORDER_AT,
-    as_object_series,
     build_booleans,
     build_decimals,
     build_integers,
@@ -48,44 +57,6 @@ STATUS_PROGRESS: dict[str, int] = {
     "cancelled": 4,
 }
 
-# cancellation_type -> cancelled_by. The API uses both client and customer for the buyer.
-CANCELLATION_TYPES: dict[str, str] = {
-    "client": "buyer",
-    "customer": "buyer",
-    "buyer": "buyer",
-    "seller": "seller",
-    "ozon": "ozon",
-    "system": "system",
-    "delivery": "delivery",
-}
-
-# cancellation_initiator words (lower case, ё as е) -> cancelled_by.
-CANCELLATION_INITIATORS: dict[str, str] = {
-    "клиент": "buyer",
-    "покупатель": "buyer",
-    "продавец": "seller",
-    "ozon": "ozon",
-    "озон": "ozon",
-    "система": "system",
-    "служба доставки": "delivery",
-    "client": "buyer",
-    "customer": "buyer",
-    "seller": "seller",
-    "system": "system",
-    "delivery": "delivery",
-}
-
-# The most units one product line may hold. Real lines hold a few, wholesale ones thousands; a
-# larger count is a unit mix-up or garbage, and would dominate every sum and mean of the order.
-MAX_QUANTITY = 100_000
-
-_EMPTY: dict[str, Any] = {}
-
-
-def _obj(value: Any) -> dict[str, Any]:
-    """A sub-object, or an empty one when it is null or not an object (never mutated)."""
-    return value if type(value) is dict else _EMPTY
-
 
 def _first_given(primary: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     """Element-wise: the primary value unless it is null or "", else the fallback."""
@@ -93,227 +64,8 @@ def _first_given(primary: np.ndarray, fallback: np.ndarray) -> np.ndarray:
     return np.where(given, primary, fallback)
 
 
-def normalise_words(text: pd.Series) -> pd.Series:
-    """Lower-cased, trimmed, ё folded into е: the form word maps are keyed on."""
-    return text.str.strip().str.lower().str.replace("ё", "е", regex=False)
-
-
-def build_cancelled_by(
-    cancellation_type: pd.Series, initiator: pd.Series, cancelled: np.ndarray
-) -> pd.Series:
-    """Who cancelled: from ``cancellation_type``, else the initiator words, else "unknown".
-
-    NA for postings that were not cancelled.
-    """
-    who = pd.Series(pd.NA, index=cancellation_type.index, dtype="string")
-    rows = np.flatnonzero(cancelled)
-    if len(rows):
-        by_type = normalise_words(cancellation_type.iloc[rows]).map(CANCELLATION_TYPES)
-        by_words = normalise_words(initiator.iloc[rows]).map(CANCELLATION_INITIATORS)
-        who.iloc[rows] = by_type.fillna(by_words).fillna("unknown").to_numpy()
-    return who
-
-
-def build_product_checks(
-    prices: Sequence[Any] | pd.Series,
-    quantities: Sequence[Any] | pd.Series,
-    owners: np.ndarray,
-    product_numbers: np.ndarray,
-    n_records: int,
-) -> tuple[pd.Series, pd.Series, list[str | None]]:
-    """Validate product prices and quantities of many records at once.
-
-    Returns the unit prices (float64), the quantities (Int64) and, per record, the reason for
-    its first unusable product (``None`` when all are fine). A price must be a finite
-    non-negative number and a quantity a positive integer of at most ``MAX_QUANTITY``.
-    """
-    raw_prices = as_object_series(prices)
-    raw_quantities = as_object_series(quantities)
-    price, price_bad = build_decimals(raw_prices)
-    quantity, quantity_bad = build_integers(raw_quantities)
-    price_given = build_present_mask(raw_prices)
-    quantity_given = build_present_mask(raw_quantities)
-    values = price.to_numpy()
-    with np.errstate(invalid="ignore"):
-        infinite = price.notna().to_numpy() & ~np.isfinite(values)
-        negative = np.isfinite(values) & (values < 0)
-    counts = quantity.fillna(1).to_numpy()
-    not_positive = quantity.notna().to_numpy() & (counts <= 0)
-    too_many = counts > MAX_QUANTITY
-    price_unusable = ~price_given | price_bad | infinite | negative
-    failing = price_unusable | ~quantity_given | quantity_bad | not_positive | too_many
-    reasons: list[str | None] = [None] * n_records
-    for k in np.flatnonzero(failing):
-        owner = int(owners[k])
-        if reasons[owner] is not None:
-            continue
-        no = int(product_numbers[k])
-        if not price_given[k]:
-            reasons[owner] = f"product {no} has no price"
-        elif price_bad[k]:
-            reasons[owner] = f"price '{raw_prices[k]}' of product {no} is not a number"
-        elif infinite[k]:
-            reasons[owner] = f"price '{raw_prices[k]}' of product {no} is not finite"
-        elif negative[k]:
-            reasons[owner] = f"price '{raw_prices[k]}' of product {no} is negative"
-        elif not quantity_given[k]:
-            reasons[owner] = f"product {no} has no quantity"
-        elif too_many[k]:
-            reasons[owner] = (
-                f"quantity '{raw_quantities[k]}' of product {no} is more than "
-                f"the {MAX_QUANTITY:,} units a product line may hold"
-            )
-        else:
-            reasons[owner] = (
-                f"quantity '{raw_quantities[k]}' of product {no} is not a positive integer"
-            )
-    return price, quantity, reasons
-
-
-# Fields read from each posting, in row order. FBO postings lack delivery_method and
-# cancellation but carry cancel_reason_id and created_at at the top level.
-_TOP_FIELDS = (
-    "posting_number",
-    "order_id",
-    "order_number",
-    "status",
-    "in_process_at",
-    "created_at",
-    "shipment_date",
-    "delivering_date",
-    "tracking_number",
-    "cancel_reason_id",
-)
-_METHOD_FIELDS = ("id", "name", "warehouse_id", "tpl_provider_id", "tpl_provider")
-_ANALYTICS_FIELDS = (
-    "warehouse_id",
-    "tpl_provider_id",
-    "tpl_provider",
-    "region",
-    "city",
-    "delivery_type",
-    "payment_type_group_name",
-    "is_premium",
-    "is_legal",
-    "delivery_date_begin",
-    "delivery_date_end",
-)
-_CANCELLATION_FIELDS = (
-    "cancel_reason_id",
-    "cancel_reason",
-    "cancellation_type",
-    "cancellation_initiator",
-    "cancelled_after_ship",
-)
-POSTING_FIELDS = (
-    *_TOP_FIELDS,
-    *(f"method.{k}" for k in _METHOD_FIELDS),
-    *(f"analytics.{k}" for k in _ANALYTICS_FIELDS),
-    *(f"cancellation.{k}" for k in _CANCELLATION_FIELDS),
-    "customer.customer_id",
-    "has_fbs_objects",
-)
-_PRODUCT_FIELDS = ("price", "quantity", "sku", "offer_id", "name", "currency_code")
-PRODUCT_FIELDS = ("owner", "position", *_PRODUCT_FIELDS)
-_FINANCIAL_FIELDS = ("product_id", "old_price", "total_discount_percent")
-FINANCIAL_FIELDS = ("owner", *_FINANCIAL_FIELDS, "has_promotion")
-
-
-def _structural_reason(record: Any) -> str | None:
-    if type(record) is not dict:
-        return "not a JSON object"
-    number = record.get("posting_number")
-    if type(number) is int or (type(number) is str and number.strip()):
-        return None
-    return "no posting_number"
-
-
-# Raw columns: one object array per field, as read from the records.
-RawColumns = dict[str, np.ndarray]
-
-
-def _columns(rows: list[tuple[Any, ...]], names: tuple[str, ...]) -> RawColumns:
-    """Row tuples transposed into raw object columns.
-
-    ``np.fromiter`` keeps a list-valued field as one element (``np.array`` would make it a
-    dimension) and avoids a DataFrame, whose construction costs more than the whole read.
-    """
-    if not rows:
-        return {name: np.empty(0, dtype=object) for name in names}
-    transposed = zip(*rows, strict=True)
-    return {
-        name: np.fromiter(column, dtype=object, count=len(rows))
-        for name, column in zip(names, transposed, strict=True)
-    }
-
-
 def _select(columns: RawColumns, mask: np.ndarray) -> RawColumns:
     return {name: values[mask] for name, values in columns.items()}
-
-
-class RawPostings:
-    """What one pass over the records reads: raw posting, product and financial rows.
-
-    The loop is written out in one body on purpose: it runs once per posting, and helper
-    calls per record would double its cost. ``records`` may be a lazy iterable: a record is
-    read right after it is made, while its objects are still in the CPU cache, and a reader
-    that decodes it on the fly can free it before the next one (see
-    ``core.ingest.jsonlines.DecodedLines``).
-    """
-
-    def __init__(self, records: Iterable[Any]) -> None:
-        self.reasons: list[str | None] = []  # per record, shape problems
-        self.index: list[int] = []  # record index of each posting row
-        self.product_reasons: list[str | None] = []  # per posting row
-        rows: list[tuple[Any, ...]] = []
-        product_rows: list[tuple[Any, ...]] = []
-        financial_rows: list[tuple[Any, ...]] = []
-        for i, record in enumerate(records):
-            reason = _structural_reason(record)
-            self.reasons.append(reason)
-            if reason is not None:
-                continue
-            get = record.get
-            k = len(rows)
-            method = get("delivery_method")
-            analytics = get("analytics_data")
-            cancellation = get("cancellation")
-            customer = get("customer")
-            rows.append(
-                (
-                    *map(get, _TOP_FIELDS),
-                    *map(_obj(method).get, _METHOD_FIELDS),
-                    *map(_obj(analytics).get, _ANALYTICS_FIELDS),
-                    *map(_obj(cancellation).get, _CANCELLATION_FIELDS),
-                    _obj(customer).get("customer_id"),
-                    "delivery_method" in record or "cancellation" in record,
-                )
-            )
-            self.index.append(i)
-
-            products = get("products")
-            reason = None if type(products) is list and products else "no products"
-            for j, product in enumerate(products if reason is None else ()):
-                if type(product) is dict:
-                    product_rows.append((k, j, *map(product.get, _PRODUCT_FIELDS)))
-                elif reason is None:
-                    reason = f"product {j + 1} is not an object"
-            self.product_reasons.append(reason)
-
-            financial = _obj(get("financial_data")).get("products")
-            for product in financial if type(financial) is list else ():
-                if type(product) is dict:
-                    actions = product.get("actions")
-                    promoted = len(actions) > 0 if type(actions) is list else None
-                    financial_rows.append((k, *map(product.get, _FINANCIAL_FIELDS), promoted))
-        self.postings = _columns(rows, POSTING_FIELDS)
-        self.products = _columns(product_rows, PRODUCT_FIELDS)
-        self.financial = _columns(financial_rows, FINANCIAL_FIELDS)
-
-
-def build_early_order_mask(ordered_at: pd.Series) -> np.ndarray:
-    """Order times before ``EARLIEST_ORDER_AT``: placeholders, not when the order was placed."""
-    return (ordered_at < EARLIEST_ORDER_AT).to_numpy(dtype=bool, na_value=False)
 
 
 def _order_time_reasons(raw: RawColumns) -> tuple[pd.Series, list[str | None]]:

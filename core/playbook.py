@@ -1,0 +1,311 @@
+"""The playbook and the facts its texts quote: what the seller reads about a reason.
+
+The playbook (``playbook.yaml``, editable by the seller) maps each reason code to its title, the
+facts shown and the actions, and each decision to its text, in English, Chinese and Russian. It
+is checked when it is loaded, down to filling every fact template with a sample order's values.
+The values the facts quote are computed column by column from feature rows (:func:`fact_columns`)
+and a template is filled for many orders at once (:func:`format_rows`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import string
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from core.counterfactuals import CAUSES, gt, lt
+
+LANGUAGES = ("en", "zh", "ru")
+# The reason of a medium- or high-risk order that no single cause explains: its risk is that of
+# orders like it (carrier, region, payment), and no one fix would remove a noticeable part of it.
+NO_SINGLE_CAUSE = "no_single_cause"
+REASON_CODES = (*CAUSES, NO_SINGLE_CAUSE)
+DECISIONS = ("ship", "contact_buyer", "hold_and_confirm")
+
+
+# --- the playbook ------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Texts(_Strict):
+    en: str
+    zh: str
+    ru: str
+
+    def get(self, lang: str) -> str:
+        return getattr(self, lang)
+
+
+class CauseEntry(_Strict):
+    title: Texts
+    facts: dict[str, Texts]
+    actions: list[Texts]
+
+
+class Playbook(_Strict):
+    causes: dict[str, CauseEntry]
+    decisions: dict[str, Texts]
+    # Absent from a playbook written before it existed: the shipped playbook's entry is used.
+    no_single_cause: CauseEntry | None = None
+
+    def entry(self, code: str) -> CauseEntry:
+        """The entry of a reason code: a cause, or :data:`NO_SINGLE_CAUSE`."""
+        if code != NO_SINGLE_CAUSE:
+            return self.causes[code]
+        return self.no_single_cause or _default_playbook().entry(code)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Playbook:
+        missing = [c for c in CAUSES if c not in self.causes]
+        unknown = [c for c in self.causes if c not in CAUSES]
+        if missing or unknown:
+            raise ValueError(f"playbook causes: missing {missing}, unknown {unknown}")
+        missing_decisions = [d for d in DECISIONS if d not in self.decisions]
+        if missing_decisions:
+            raise ValueError(f"playbook decisions missing: {missing_decisions}")
+        for cause, fact_names in FACTS.items():
+            entry = self.causes.get(cause) if cause in CAUSES else self.no_single_cause
+            absent = [name for name in fact_names if entry and name not in entry.facts]
+            if absent:
+                raise ValueError(f"playbook cause {cause!r} lacks the facts {absent}")
+        self._check_templates()
+        return self
+
+    def _check_templates(self) -> None:
+        """Fill every fact template with a sample order's values, so that a misspelt value name
+        or format stops the playbook's loading, not a scoring run an hour later."""
+        sample = {name: column[0] for name, column in _sample_fact_columns().items()}
+        entries = {**self.causes, NO_SINGLE_CAUSE: self.no_single_cause}
+        for cause, entry in entries.items():
+            for fact, texts in entry.facts.items() if entry else ():
+                for lang in LANGUAGES:
+                    template = texts.get(lang)
+                    try:
+                        template.format_map(sample)
+                    except KeyError as exc:
+                        raise ValueError(
+                            f"playbook cause {cause!r} fact {fact!r} ({lang}) quotes "
+                            f"{{{exc.args[0]}}}, which is not a fact value; known: "
+                            f"{', '.join(sample)}"
+                        ) from None
+                    except (ValueError, IndexError, AttributeError, TypeError) as exc:
+                        raise ValueError(
+                            f"playbook cause {cause!r} fact {fact!r} ({lang}): the template "
+                            f"{template!r} cannot be filled ({exc})"
+                        ) from None
+
+
+def load_playbook(path: str | Path | None = None) -> Playbook:
+    """The playbook at ``path``, or the one shipped with the package."""
+    if path is None:
+        return _default_playbook()
+    try:
+        return _parse_playbook(Path(path).read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        problems = "; ".join(_describe_error(error) for error in exc.errors())
+        raise ValueError(f"playbook {path} is not usable: {problems}") from None
+    except (yaml.YAMLError, ValueError) as exc:
+        raise ValueError(f"playbook {path} is not usable: {exc}") from None
+
+
+def _describe_error(error: Mapping[str, Any]) -> str:
+    """One validation error as the seller reads it: where in the file, and what is wrong."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {message}" if where else message
+
+
+@cache
+def _default_playbook() -> Playbook:
+    text = resources.files("core").joinpath("playbook.yaml").read_text(encoding="utf-8")
+    return _parse_playbook(text)
+
+
+def _parse_playbook(text: str) -> Playbook:
+    return Playbook.model_validate(yaml.safe_load(text))
+
+
+# --- facts -------------------------------------------------------------------------------------
+
+FACTS: dict[str, tuple[str, ...]] = {
+    "price_drop": ("cheaper",),
+    "late_delivery": ("late", "due", "moved"),
+    "tracking_quiet": ("quiet", "stalled"),
+    "not_shipped": ("waiting",),
+    "listing_changed": ("edited",),
+    "buyer_profile": ("payment", "earlier_cancels", "first_time", "region"),
+    "early_remorse": ("recent",),
+    "slow_carrier": ("record",),
+    NO_SINGLE_CAUSE: ("profile",),
+}
+
+
+# The feature columns the facts quote: numbers, and names shown as they are.
+FACT_NUMBER_COLUMNS = (
+    "price_change_pct",
+    "lowest_price_change_pct",
+    "hours_to_promised_delivery_end",
+    "delivery_date_changes",
+    "hours_since_last_activity",
+    "silent_hours_since_handover",
+    "hours_since_order",
+    "card_edits_since_purchase",
+    "buyer_earlier_buyer_cancels",
+    "buyer_earlier_postings",
+    "carrier_buyer_cancel_rate",
+)
+FACT_TEXT_COLUMNS = ("payment_type", "region", "carrier")
+
+# The values the fact templates quote, by name: one list per name, a row per order.
+FactColumns = dict[str, list]
+
+
+def fact_columns(
+    numbers: Mapping[str, np.ndarray], texts: Mapping[str, Sequence[object]]
+) -> FactColumns:
+    """The values the fact templates quote, computed column by column.
+
+    ``numbers`` holds :data:`FACT_NUMBER_COLUMNS` as float arrays (NaN: unknown), ``texts``
+    holds :data:`FACT_TEXT_COLUMNS` as sequences of strings (None or NA: unknown, shown "?").
+    Numbers come out as Python floats, which the templates format.
+    """
+    price_now = numbers["price_change_pct"]
+    to_promise = numbers["hours_to_promised_delivery_end"]
+    hours_since_order = numbers["hours_since_order"]
+    overdue_days = -to_promise / 24.0
+    columns: dict[str, np.ndarray | list] = {
+        "price_pct": np.where(lt(price_now, -0.5), price_now, numbers["lowest_price_change_pct"]),
+        "days_late": np.where(  # max(0, overdue) as Python's max gives it: never -0.0
+            np.isnan(to_promise), np.nan, np.where(overdue_days > 0.0, overdue_days, 0.0)
+        ),
+        "days_to_promise": to_promise / 24.0,
+        "date_changes": numbers["delivery_date_changes"],
+        "quiet_days": numbers["hours_since_last_activity"] / 24.0,
+        "silent_days": numbers["silent_hours_since_handover"] / 24.0,
+        "days_since_order": hours_since_order / 24.0,
+        "hours_since_order": hours_since_order,
+        "edits": numbers["card_edits_since_purchase"],
+        "earlier_cancels": numbers["buyer_earlier_buyer_cancels"],
+        "earlier_postings": numbers["buyer_earlier_postings"],
+        "payment": _shown(texts["payment_type"]),
+        "region": _shown(texts["region"]),
+        "carrier": _shown(texts["carrier"]),
+        "carrier_cancel_pct": 100.0 * numbers["carrier_buyer_cancel_rate"],
+    }
+    return {
+        name: column.tolist() if isinstance(column, np.ndarray) else column
+        for name, column in columns.items()
+    }
+
+
+@cache
+def _sample_fact_columns() -> FactColumns:
+    """The fact values of one made-up order: what a template is checked against."""
+    return fact_columns(
+        {column: np.ones(1) for column in FACT_NUMBER_COLUMNS},
+        {column: ["sample"] for column in FACT_TEXT_COLUMNS},
+    )
+
+
+def frame_fact_columns(features: pd.DataFrame) -> FactColumns:
+    """:func:`fact_columns` of the rows of a feature frame."""
+    return fact_columns(
+        {c: features[c].to_numpy(dtype="float64", na_value=np.nan) for c in FACT_NUMBER_COLUMNS},
+        {c: features[c].tolist() for c in FACT_TEXT_COLUMNS},
+    )
+
+
+def row_fact_columns(rows: Sequence[Mapping[str, Any]]) -> FactColumns:
+    """:func:`fact_columns` of feature rows held as dicts (missing numbers None or NaN)."""
+    return fact_columns(
+        {
+            c: np.array([np.nan if row[c] is None else row[c] for row in rows], dtype="float64")
+            for c in FACT_NUMBER_COLUMNS
+        },
+        {c: [row[c] for row in rows] for c in FACT_TEXT_COLUMNS},
+    )
+
+
+def _shown(names: Sequence[object]) -> list[str]:
+    return [name if isinstance(name, str) and name else "?" for name in names]
+
+
+def held_facts(
+    cause: str, columns: FactColumns, rows: np.ndarray, reference: Mapping[str, str]
+) -> dict[str, np.ndarray]:
+    """For each fact of ``cause`` (in the playbook's order), whether it holds at each row."""
+
+    def numbers(name: str) -> np.ndarray:
+        return np.asarray(columns[name], dtype="float64")[rows]
+
+    def differs(name: str, reference_name: str) -> np.ndarray:
+        if reference_name not in reference:
+            return np.zeros(len(rows), dtype=bool)
+        return np.asarray(columns[name], dtype=object)[rows] != reference[reference_name]
+
+    if cause == "tracking_quiet":
+        # Quiet now says it all; moving again after a silence, the silence is the fact.
+        quiet = gt(numbers("quiet_days"), 2.0)
+        return {"quiet": quiet, "stalled": ~quiet}
+    if cause == "late_delivery":
+        late = gt(numbers("days_late"), 0.0)
+        return {"late": late, "due": ~late, "moved": gt(numbers("date_changes"), 0.0)}
+    if cause == "buyer_profile":
+        held = {
+            "payment": differs("payment", "payment_type") | ("payment_type" not in reference),
+            "earlier_cancels": gt(numbers("earlier_cancels"), 0.0),
+            "first_time": numbers("earlier_postings") == 0.0,
+            "region": differs("region", "region"),
+        }
+        held["payment"] |= ~np.logical_or.reduce(list(held.values()))  # the payment at least
+        return held
+    return {name: np.ones(len(rows), dtype=bool) for name in FACTS[cause]}
+
+
+_FORMATTER = string.Formatter()
+
+
+@cache
+def _template_parts(template: str) -> tuple[tuple[str, str | None, str, str | None], ...] | None:
+    """A template's literal texts and fields, or None when a field is more than a plain name
+    (an attribute, an index, a nested format): such a template is formatted row by row."""
+    parts = tuple(_FORMATTER.parse(template))
+    for _, field, spec, _ in parts:
+        if field is not None and (not field.isidentifier() or "{" in spec):
+            return None
+    return parts
+
+
+_CONVERSIONS: dict[str | None, Callable[[object], object]] = {
+    None: lambda value: value,
+    "s": str,
+    "r": repr,
+    "a": ascii,
+}
+
+
+def format_rows(template: str, columns: FactColumns, rows: Sequence[int]) -> list[str]:
+    """``template.format_map`` of the fact values of each row at ``rows``, field by field."""
+    parts = _template_parts(template)
+    if parts is None:
+        return [template.format_map({k: v[row] for k, v in columns.items()}) for row in rows]
+    pieces: list[Iterable[str]] = []
+    for literal, field, spec, conversion in parts:
+        if literal:
+            pieces.append(itertools.repeat(literal, len(rows)))
+        if field is not None:
+            column, convert = columns[field], _CONVERSIONS[conversion]
+            pieces.append([format(convert(column[row]), spec) for row in rows])
+    return ["".join(texts) for texts in zip(*pieces, strict=True)] if pieces else [""] * len(rows)
