@@ -156,6 +156,10 @@ def latest_row(
     table_ns = np.asarray(table_ns, dtype="int64")
     query_keys = np.asarray(query_keys, dtype="int64")
     query_ns = np.asarray(query_ns, dtype="int64")
+    if len(table_keys) * len(query_keys) <= TINY_LOOKUP_PAIRS:
+        return latest_by_comparison(
+            table_keys, table_ns, query_keys, query_ns, strictly_before=strictly_before
+        )
     if len(table_keys) + len(query_keys) <= SMALL_LOOKUP_SIZE:
         index = PointInTimeIndex(table_keys, table_ns)
         return index.latest(query_keys, query_ns, strictly_before=strictly_before)
@@ -182,6 +186,40 @@ def latest_row(
     rows = merged["row"].to_numpy(dtype="float64", na_value=np.nan)
     result[left_order] = np.where(np.isnan(rows), -1, rows).astype("int64")
     return result
+
+
+# Up to this many (table row, query) pairs every query is compared with every row at once: fewer
+# numpy calls than sorting, which is what the few events of one posting pay for each lookup.
+TINY_LOOKUP_PAIRS = 4_096
+
+
+def latest_by_comparison(
+    table_keys: np.ndarray,
+    table_ns: np.ndarray,
+    query_keys: np.ndarray,
+    query_ns: np.ndarray,
+    *,
+    strictly_before: bool = False,
+) -> np.ndarray:
+    """:func:`latest_row` by comparing every query with every row (for tiny inputs).
+
+    Rows are ranked by (time, position); the qualifying row of highest rank is the latest, the
+    one at the highest position among equal times.
+    """
+    n = len(table_keys)
+    if n == 0 or len(query_keys) == 0:
+        return np.full(len(query_keys), -1, dtype="int64")
+    order = np.lexsort((np.arange(n), table_ns))
+    rank = np.empty(n, dtype="int64")
+    rank[order] = np.arange(n)
+    usable = (table_keys >= 0) & (table_ns != NAT_NS)
+    if strictly_before:
+        early = table_ns[None, :] < query_ns[:, None]
+    else:
+        early = table_ns[None, :] <= query_ns[:, None]
+    qualifies = early & (table_keys[None, :] == query_keys[:, None]) & usable[None, :]
+    best = np.where(qualifies, rank[None, :], -1).max(axis=1)
+    return np.where(best >= 0, order[np.maximum(best, 0)], -1)
 
 
 class PointInTimeIndex:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pandas as pd
@@ -291,7 +292,8 @@ _SMALL_TIMES = st.one_of(st.integers(-1, 6), st.just(int(NAT_NS)))
 def test_latest_row_gives_the_same_rows_by_sorting_and_by_merge_asof(
     table, queries, strictly_before
 ) -> None:
-    """Small inputs take the sorted-index algorithm, large ones merge_asof: same positions,
+    """Tiny inputs compare every query with every row, small ones take the sorted index, large
+    ones merge_asof: same positions,
     ties (equal key and time) won by the highest position, NaT and -1 keys never matching."""
     import core.aggregates as aggregates
 
@@ -302,14 +304,16 @@ def test_latest_row_gives_the_same_rows_by_sorting_and_by_merge_asof(
     by_index = PointInTimeIndex(table_keys, table_ns).latest(
         query_keys, query_ns, strictly_before=strictly_before
     )
-    original = aggregates.SMALL_LOOKUP_SIZE
-    aggregates.SMALL_LOOKUP_SIZE = -1
-    try:
+    by_comparison = aggregates.latest_by_comparison(
+        table_keys, table_ns, query_keys, query_ns, strictly_before=strictly_before
+    )
+    with (
+        mock.patch.object(aggregates, "SMALL_LOOKUP_SIZE", -1),
+        mock.patch.object(aggregates, "TINY_LOOKUP_PAIRS", -1),
+    ):
         by_merge = latest_row(
             table_keys, table_ns, query_keys, query_ns, strictly_before=strictly_before
         )
-    finally:
-        aggregates.SMALL_LOOKUP_SIZE = original
     expected = []
     for key, at in queries:
         rows = [
@@ -324,4 +328,5 @@ def test_latest_row_gives_the_same_rows_by_sorting_and_by_merge_asof(
         best = max(rows, key=lambda i: (table[i][1], i), default=-1)
         expected.append(best)
     assert by_index.tolist() == expected
+    assert by_comparison.tolist() == expected
     assert by_merge.tolist() == expected
