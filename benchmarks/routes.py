@@ -13,9 +13,11 @@ it measures per request, in this process, medians of ``--repeats`` passes:
   request's records, split into its two halves;
 - ``score``: probability, level and reasons of one row whose features are computed.
 
-Then ``latest_row`` ("the latest row of each key at t") by its two algorithms on tables and
-queries of growing size: the sorted index (:class:`core.aggregates.PointInTimeIndex`) and
-``pd.merge_asof``. These are the figures behind the choice of a feature engine for one posting.
+Then ``latest_row`` ("the latest row of each key at t") by its three algorithms on tables and
+queries of growing size: every query compared with every row
+(:func:`core.aggregates.latest_by_comparison`), the sorted index
+(:class:`core.aggregates.PointInTimeIndex`) and ``pd.merge_asof``: the figures behind the
+switch-over sizes.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from serving.request_lane import parse_request
 from serving.scoring import ModelScorer, ScoreJob, complete_rows
 
 LATEST_ROW_SIZES = ((20, 1), (200, 5), (2_000, 200), (10_000, 5_000), (50_000, 50_000))
+# The comparison of every query with every row is timed only up to this many pairs (its memory
+# grows with their product).
+COMPARISON_MAX_PAIRS = 1_000_000
 
 
 def _per_call_ms(work: Callable[[Any], object], items: Sequence[Any]) -> list[float]:
@@ -135,6 +140,9 @@ def measure_latest_row(
         query_times = rng.integers(0, 10**12, n_queries)
         by_index = _LatestRowTimer(keys, times, query_keys, query_times)
         report[f"{n_table:,} rows, {n_queries:,} queries"] = {
+            "comparison_ms": statistics.median(by_index.comparison() for _ in range(repeats))
+            if n_table * n_queries <= COMPARISON_MAX_PAIRS
+            else float("nan"),
             "sorted_index_ms": statistics.median(by_index.sorted_index() for _ in range(repeats)),
             "merge_asof_ms": statistics.median(by_index.merge_asof() for _ in range(repeats)),
         }
@@ -142,14 +150,14 @@ def measure_latest_row(
 
 
 class _LatestRowTimer:
-    """``latest_row`` on one input by each algorithm (the switch-over size set per call)."""
+    """``latest_row`` on one input by each algorithm (the switch-over sizes set per call)."""
 
     def __init__(self, *arrays: np.ndarray) -> None:
         self.arrays = arrays
 
-    def _timed(self, small_size: int) -> float:
-        saved = aggregates.SMALL_LOOKUP_SIZE
-        aggregates.SMALL_LOOKUP_SIZE = small_size
+    def _timed(self, tiny_pairs: int, small_size: int) -> float:
+        saved = aggregates.TINY_LOOKUP_PAIRS, aggregates.SMALL_LOOKUP_SIZE
+        aggregates.TINY_LOOKUP_PAIRS, aggregates.SMALL_LOOKUP_SIZE = tiny_pairs, small_size
         try:
             calls = 0
             start = time.perf_counter()
@@ -158,21 +166,29 @@ class _LatestRowTimer:
                 calls += 1
             return (time.perf_counter() - start) / calls * 1e3
         finally:
-            aggregates.SMALL_LOOKUP_SIZE = saved
+            aggregates.TINY_LOOKUP_PAIRS, aggregates.SMALL_LOOKUP_SIZE = saved
+
+    def comparison(self) -> float:
+        return self._timed(2**62, -1)
 
     def sorted_index(self) -> float:
-        return self._timed(2**62)
+        return self._timed(-1, 2**62)
 
     def merge_asof(self) -> float:
-        return self._timed(-1)
+        return self._timed(-1, -1)
 
 
 def format_report(routes: dict[str, dict[str, float]], latest: dict[str, dict[str, float]]) -> str:
     lines = ["| one posting | p50 ms | p99 ms |", "|---|---:|---:|"]
     lines += [f"| {name} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} |" for name, v in routes.items()]
-    lines += ["", "| latest_row | sorted index ms | merge_asof ms |", "|---|---:|---:|"]
     lines += [
-        f"| {size} | {v['sorted_index_ms']:.3f} | {v['merge_asof_ms']:.3f} |"
+        "",
+        "| latest_row | comparison ms | sorted index ms | merge_asof ms |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {size} | {v['comparison_ms']:.3f} | {v['sorted_index_ms']:.3f} |"
+        f" {v['merge_asof_ms']:.3f} |"
         for size, v in latest.items()
     ]
     return "\n".join(lines)
