@@ -15,8 +15,8 @@ it measures per request, in this process, medians of ``--repeats`` passes:
 
 Then ``latest_row`` ("the latest row of each key at t") by its three algorithms on tables and
 queries of growing size: every query compared with every row
-(:func:`core.aggregates.latest_by_comparison`), the sorted index
-(:class:`core.aggregates.PointInTimeIndex`) and ``pd.merge_asof``: the figures behind the
+(:func:`core.point_in_time.latest_by_comparison`), the sorted index
+(:class:`core.point_in_time.PointInTimeIndex`) and ``pd.merge_asof``: the figures behind the
 switch-over sizes.
 """
 
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-import core.aggregates as aggregates
+import core.point_in_time as point_in_time
 from cancel_risk.examples import latest_moment, load_history_records, open_score_requests
 from core.features import build_features
 from core.ingest import tables_from_objects
@@ -156,17 +156,17 @@ class _LatestRowTimer:
         self.arrays = arrays
 
     def _timed(self, tiny_pairs: int, small_size: int) -> float:
-        saved = aggregates.TINY_LOOKUP_PAIRS, aggregates.SMALL_LOOKUP_SIZE
-        aggregates.TINY_LOOKUP_PAIRS, aggregates.SMALL_LOOKUP_SIZE = tiny_pairs, small_size
+        saved = point_in_time.TINY_LOOKUP_PAIRS, point_in_time.SMALL_LOOKUP_SIZE
+        point_in_time.TINY_LOOKUP_PAIRS, point_in_time.SMALL_LOOKUP_SIZE = tiny_pairs, small_size
         try:
             calls = 0
             start = time.perf_counter()
             while calls < 20 or time.perf_counter() - start < 0.2:
-                aggregates.latest_row(*self.arrays)
+                point_in_time.latest_row(*self.arrays)
                 calls += 1
             return (time.perf_counter() - start) / calls * 1e3
         finally:
-            aggregates.TINY_LOOKUP_PAIRS, aggregates.SMALL_LOOKUP_SIZE = saved
+            point_in_time.TINY_LOOKUP_PAIRS, point_in_time.SMALL_LOOKUP_SIZE = saved
 
     def comparison(self) -> float:
         return self._timed(2**62, -1)

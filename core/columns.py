@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from core.aggregates import NAT_NS, plain_keys, to_ns
+from core.point_in_time import NAT_NS, plain_keys, to_ns
 from core.tables import HistoryTables
 
 TIME, NUMBER, KEY = "time", "number", "key"

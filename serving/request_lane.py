@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 import core.ingest.events as ingest_events
-from core.aggregates import NAT_NS
 from core.columns import (
     EVENT_FIELDS,
     ITEM_FIELDS,
@@ -46,6 +45,7 @@ from core.ingest.values import (
     parse_text,
     parse_timestamp,
 )
+from core.point_in_time import NAT_NS
 from core.tables import PUSH_KINDS, SCAN_KINDS, TERMINAL_STATUSES
 
 _EMPTY: dict[str, Any] = {}

@@ -26,14 +26,12 @@ from core.aggregates import (
     COLLECTED_KINDS,
     DELIVERED,
     LOOKUP_COLUMNS,
-    NAT_NS,
     OTHER_CANCELLED,
     UNKNOWN_CANCELLED,
     HistoryAggregates,
-    PointInTimeIndex,
     build_resolutions,
-    latest_row,
 )
+from core.point_in_time import NAT_NS, PointInTimeIndex, latest_row
 from core.tables import PUSH_KINDS, SCAN_KINDS, HistoryTables
 
 
@@ -295,7 +293,7 @@ def test_latest_row_gives_the_same_rows_by_sorting_and_by_merge_asof(
     """Tiny inputs compare every query with every row, small ones take the sorted index, large
     ones merge_asof: same positions,
     ties (equal key and time) won by the highest position, NaT and -1 keys never matching."""
-    import core.aggregates as aggregates
+    import core.point_in_time as point_in_time
 
     table_keys = np.array([k for k, _ in table], dtype="int64")
     table_ns = np.array([t for _, t in table], dtype="int64")
@@ -304,12 +302,12 @@ def test_latest_row_gives_the_same_rows_by_sorting_and_by_merge_asof(
     by_index = PointInTimeIndex(table_keys, table_ns).latest(
         query_keys, query_ns, strictly_before=strictly_before
     )
-    by_comparison = aggregates.latest_by_comparison(
+    by_comparison = point_in_time.latest_by_comparison(
         table_keys, table_ns, query_keys, query_ns, strictly_before=strictly_before
     )
     with (
-        mock.patch.object(aggregates, "SMALL_LOOKUP_SIZE", -1),
-        mock.patch.object(aggregates, "TINY_LOOKUP_PAIRS", -1),
+        mock.patch.object(point_in_time, "SMALL_LOOKUP_SIZE", -1),
+        mock.patch.object(point_in_time, "TINY_LOOKUP_PAIRS", -1),
     ):
         by_merge = latest_row(
             table_keys, table_ns, query_keys, query_ns, strictly_before=strictly_before

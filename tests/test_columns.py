@@ -16,11 +16,11 @@ import pandas as pd
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import core.aggregates as aggregates
-from core.aggregates import encode_keys, positions_of
+import core.point_in_time as point_in_time
 from core.columns import map_keys, sort_codes
 from core.features import RUB_PER_UNIT
 from core.features.families import _encode_sorted
+from core.point_in_time import encode_keys, positions_of
 
 TEXT_KEYS = st.lists(st.one_of(st.none(), st.sampled_from(["a", "b", "B", "ä", "10", "9", ""])))
 INT_KEYS = st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)))
@@ -28,7 +28,7 @@ INT_KEYS = st.lists(st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1)))
 
 @contextmanager
 def _large_path():
-    with mock.patch.object(aggregates, "SMALL_KEYS", -1):
+    with mock.patch.object(point_in_time, "SMALL_KEYS", -1):
         yield
 
 

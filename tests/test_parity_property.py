@@ -62,11 +62,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cancel_risk.examples import build_score_request, latest_posting_objects, load_history_records
-from core.aggregates import NAT_NS, HistoryAggregates, first_event_ns
+from core.aggregates import HistoryAggregates
 from core.features import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, build_feature_rows, build_features
 from core.ingest import load_history
 from core.ingest.events import DELIVERED_STATES
 from core.ingest.postings import STATUS_PROGRESS
+from core.point_in_time import NAT_NS, first_event_ns
 from core.tables import PUSH_KINDS, SCAN_KINDS
 from serving.scoring import ModelScorer, ScoreJob, build_feature_frame, first_difference
 from serving.validation import RequestRejected

@@ -24,16 +24,9 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from core.aggregates import (
-    DEFAULT_PRIOR_STRENGTH,
-    NAT_NS,
-    HistoryAggregates,
-    build_resolutions,
-    from_ns,
-    to_ns,
-    to_utc,
-)
+from core.aggregates import DEFAULT_PRIOR_STRENGTH, HistoryAggregates, build_resolutions
 from core.features import FEATURE_COLUMNS, build_feature_rows, build_promise_at
+from core.point_in_time import NAT_NS, from_ns, to_ns, to_utc
 from core.tables import HistoryTables
 from training.labels import CENSORED, build_label_frame
 

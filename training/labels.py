@@ -23,13 +23,11 @@ import pandas as pd
 from core.aggregates import (
     BUYER_CANCELLED,
     DELIVERED,
-    NAT_NS,
     OTHER_CANCELLED,
     UNKNOWN_CANCELLED,
     build_resolutions,
-    gather,
-    to_ns,
 )
+from core.point_in_time import NAT_NS, gather, to_ns
 from core.tables import HistoryTables
 
 # Why a moment has no label, in the order the checks apply.

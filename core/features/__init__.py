@@ -9,7 +9,7 @@ request's records into the same columns. There is no other implementation of a f
 A feature for a posting at a moment ``as_of`` reads only what was known then: events with
 ``at <= as_of``, closing and handover times only through an explicit ``<= as_of`` check, and
 never the posting's export-time status or cancellation fields. Every "latest value at as_of" is
-a point-in-time lookup (:func:`core.aggregates.latest_row`); multi-line postings become one
+a point-in-time lookup (:func:`core.point_in_time.latest_row`); multi-line postings become one
 number by value-weighted means. Nothing loops over postings or moments in Python.
 
 A family whose input file is absent yields NaN. "Absent" is judged at ``as_of`` too: until the

@@ -9,15 +9,7 @@ import logging
 import numpy as np
 import pandas as pd
 
-from core.aggregates import (
-    NAT_NS,
-    HistoryAggregates,
-    build_open_mask,
-    build_resolutions,
-    from_ns,
-    to_ns,
-    to_utc,
-)
+from core.aggregates import HistoryAggregates, build_open_mask, build_resolutions
 from core.columns import (
     Array,
     HistoryColumns,
@@ -25,6 +17,7 @@ from core.columns import (
 from core.features.context import FeatureContext
 from core.features.families import FAMILY_BUILDERS
 from core.features.schema import CATEGORICAL_COLUMNS, FEATURE_COLUMNS, ColumnValues
+from core.point_in_time import NAT_NS, from_ns, to_ns, to_utc
 from core.tables import HistoryTables
 
 logger = logging.getLogger(__name__)

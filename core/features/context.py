@@ -7,14 +7,7 @@ from functools import cached_property
 
 import numpy as np
 
-from core.aggregates import (
-    NAT_NS,
-    NS_PER_HOUR,
-    HistoryAggregates,
-    earliest_ns,
-    gather,
-    positions_of,
-)
+from core.aggregates import HistoryAggregates
 from core.columns import (
     Array,
     Columns,
@@ -23,6 +16,7 @@ from core.columns import (
     sort_codes,
     take_keys,
 )
+from core.point_in_time import NAT_NS, NS_PER_HOUR, earliest_ns, gather, positions_of
 from core.tables import PUSH_KINDS, SCAN_KINDS
 
 # --- small numeric helpers --------------------------------------------------------------------

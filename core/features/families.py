@@ -10,19 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from core.aggregates import (
-    NAT_NS,
-    NS_PER_HOUR,
-    encode_keys,
-    from_ns,
-    gather,
-    latest_row,
-    plain_keys,
-    positions_of,
-    running_count,
-    to_ns,
-    weighted_mean_by_row,
-)
 from core.columns import (
     Array,
     HistoryColumns,
@@ -38,6 +25,19 @@ from core.features.schema import (
     RUB_PER_UNIT,
     TOLERATED_SILENCE_HOURS,
     ColumnValues,
+)
+from core.point_in_time import (
+    NAT_NS,
+    NS_PER_HOUR,
+    encode_keys,
+    from_ns,
+    gather,
+    latest_row,
+    plain_keys,
+    positions_of,
+    running_count,
+    to_ns,
+    weighted_mean_by_row,
 )
 from core.tables import HistoryTables
 
