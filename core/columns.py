@@ -116,7 +116,9 @@ def _read_column(frame: pd.DataFrame, name: str, kind: str) -> Array:
     if kind == TIME:
         return to_ns(column)
     if kind == NUMBER:
-        return column.astype("Float64").to_numpy(dtype="float64", na_value=np.nan)
+        if column.dtype == "float64":
+            return column.to_numpy()
+        return column.to_numpy(dtype="float64", na_value=np.nan)
     return column.array
 
 
