@@ -42,6 +42,13 @@ def _both_representations(values: list, dtype: str) -> list:
     return [_object(values), pd.array(values, dtype=dtype)]
 
 
+def _pairs(table: list, query: list, dtype: str) -> list:
+    """(table, query) in a request's representation, then in a table's."""
+    return list(
+        zip(_both_representations(table, dtype), _both_representations(query, dtype), strict=True)
+    )
+
+
 def _same(call, *columns) -> None:
     small = call(*columns)
     with _large_path():
@@ -56,9 +63,7 @@ def _same(call, *columns) -> None:
 @settings(max_examples=150, deadline=None)
 @given(table=TEXT_KEYS, query=TEXT_KEYS)
 def test_text_key_codes_agree(table: list, query: list) -> None:
-    for t, q in zip(
-        _both_representations(table, "string"), _both_representations(query, "string"), strict=True
-    ):
+    for t, q in _pairs(table, query, "string"):
         _same(encode_keys, t, q)
         _same(_encode_sorted, t, q)
         _same(sort_codes, t)
@@ -68,9 +73,7 @@ def test_text_key_codes_agree(table: list, query: list) -> None:
 @settings(max_examples=150, deadline=None)
 @given(table=INT_KEYS, query=INT_KEYS)
 def test_integer_key_codes_agree(table: list, query: list) -> None:
-    for t, q in zip(
-        _both_representations(table, "Int64"), _both_representations(query, "Int64"), strict=True
-    ):
+    for t, q in _pairs(table, query, "Int64"):
         _same(encode_keys, t, q)
         _same(sort_codes, t)
 
@@ -78,9 +81,7 @@ def test_integer_key_codes_agree(table: list, query: list) -> None:
 @settings(max_examples=150, deadline=None)
 @given(keys=st.lists(st.sampled_from(["p1", "p2", "P1", "3", "é"]), unique=True), query=TEXT_KEYS)
 def test_positions_agree(keys: list, query: list) -> None:
-    for k, q in zip(
-        _both_representations(keys, "string"), _both_representations(query, "string"), strict=True
-    ):
+    for k, q in _pairs(keys, query, "string"):
         _same(positions_of, k, q)
 
 
