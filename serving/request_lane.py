@@ -107,11 +107,7 @@ class ParsedRequest:
     customer_id: int | None
     lines: list[Line]
     # Per event kind, its columns as lists in the order of core.columns.EVENT_FIELDS.
-    events: dict[str, list[list[Any]]] = field(
-        default_factory=lambda: {
-            kind: [[] for _ in fields] for kind, fields in EVENT_FIELDS.items()
-        }
-    )
+    events: dict[str, list[list[Any]]] = field(default_factory=_empty_events)
 
     def to_history(self) -> HistoryColumns:
         """The request as the columns ingestion's tables give for the same records."""
@@ -173,11 +169,7 @@ class _ColumnLists:
         default_factory=lambda: {name: [] for name in POSTING_FIELDS}
     )
     items: dict[str, list[Any]] = field(default_factory=lambda: {name: [] for name in ITEM_FIELDS})
-    events: dict[str, list[list[Any]]] = field(
-        default_factory=lambda: {
-            kind: [[] for _ in fields] for kind, fields in EVENT_FIELDS.items()
-        }
-    )
+    events: dict[str, list[list[Any]]] = field(default_factory=_empty_events)
 
     def to_columns(self) -> tuple[Columns, Columns, dict[str, Columns]]:
         by_kind = {}
