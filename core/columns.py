@@ -146,8 +146,8 @@ class HistoryColumns:
         return self.events_by_kind[kind]
 
     def first_event_ns(self, kinds: tuple[str, ...]) -> int | np.ndarray:
-        """The earliest time of any event of ``kinds`` (:data:`NAT_NS` for none); per posting
-        for concatenated histories."""
+        """The earliest time of any event of ``kinds`` (:data:`NAT_NS` for none); one per posting
+        when the columns hold the requests scored together."""
         if kinds not in self.collecting_since:
             times = [self.events(kind)["at"] for kind in kinds]
             earliest = [int(at.min()) for at in times if len(at)]
@@ -200,13 +200,6 @@ def key_text(values: Array) -> Array:
             [None if v is None else v if type(v) is str else str(v) for v in values], dtype=object
         )
     return pd.array(values, copy=False).astype("string")
-
-
-def as_plain_list(values: Array) -> list[Any]:
-    """Keys as Python values, ``None`` where missing."""
-    if isinstance(values, np.ndarray):
-        return values.tolist()
-    return [None if v is pd.NA else v for v in values.tolist()]
 
 
 def sort_codes(values: Array) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 :func:`parse_request` reads a request whose every value has the canonical form of the Seller
 API and the contract (ISO-8601 timestamps, JSON numbers or plain decimal strings, integer ids,
-...) and in which no record would be rejected, and :meth:`ParsedRequest.to_history` gives the
+...) and in which no record would be rejected, and :func:`requests_history` gives the
 :class:`core.columns.HistoryColumns` that ingestion's tables give for the same records. The
 features are then the one definition's (:func:`core.features.build_feature_columns`): this
 module holds no feature of its own. Values are read by ingestion's own readers
@@ -111,11 +111,6 @@ class ParsedRequest:
     # Per event kind, its columns as lists in the order of core.columns.EVENT_FIELDS.
     events: dict[str, list[list[Any]]] = field(default_factory=_empty_events)
 
-    def to_history(self) -> HistoryColumns:
-        """The request as the columns ingestion's tables give for the same records."""
-        history, _ = requests_history([self])
-        return history
-
     def add_to(self, columns: _ColumnLists, tag: str) -> None:
         """Append the request's records to ``columns``, posting numbers and offer ids tagged."""
         number = tag + self.posting_number
@@ -154,7 +149,7 @@ class ParsedRequest:
                 fields, columns.events[kind], self.events[kind], strict=True
             ):
                 if tag and name in _TAGGED_KEYS:
-                    values = [None if value is None else tag + value for value in values]
+                    values = [tagged(value) for value in values]
                 target.extend(values)
 
     def first_at(self, kinds: tuple[str, ...]) -> int:

@@ -71,7 +71,7 @@ def build_feature_columns(
         columns.update(builder(ctx))
     restore = np.empty_like(order)
     restore[order] = np.arange(len(order))
-    columns = {name: _take(values, restore) for name, values in columns.items()}
+    columns = {name: values[restore] for name, values in columns.items()}
     unknown = ctx.posting_row[restore] < 0
     if unknown.any():
         logger.warning("%d moments refer to postings the history does not hold", int(unknown.sum()))
@@ -104,10 +104,6 @@ def build_feature_rows(
         aggregates,
     )
     return _assemble(columns, moments.index)
-
-
-def _take(values: ColumnValues, rows: np.ndarray) -> ColumnValues:
-    return values[rows]
 
 
 def _blank(values: ColumnValues, where: np.ndarray) -> ColumnValues:

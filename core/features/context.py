@@ -94,7 +94,7 @@ class FeatureContext:
         """A key column of each moment's posting, missing for unknown postings."""
         return take_keys(self.history.postings[column], self.posting_row)
 
-    def posting_numbers_of(self, column: str) -> np.ndarray:
+    def posting_floats(self, column: str) -> np.ndarray:
         """A number column of each moment's posting, NaN for unknown postings."""
         return gather(self.history.postings[column], self.posting_row)
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pandas.api.types import infer_dtype
 
+from core.point_in_time import NAT_NS, from_ns
 from core.tables import UTC_TS
 
 # Naive dates in the seller-cabinet export are Moscow time, which has no DST since 2014.
@@ -47,7 +48,6 @@ EARLIEST_ORDER_AT = pd.Timestamp("2000-01-01", tz="UTC")
 # datetime64[ns] covers 1677..2262; anything outside cannot be stored and is unusable anyway.
 _TS_MIN = pd.Timestamp("1678-01-01", tz="UTC")
 _TS_MAX = pd.Timestamp("2261-12-31", tz="UTC")
-_NAT_NS = np.iinfo("int64").min
 
 Column = Sequence[Any] | pd.Series | np.ndarray
 
@@ -249,9 +249,8 @@ def build_utc_timestamps(values: Column) -> tuple[pd.Series, np.ndarray]:
     """
     short = _read_short(values, parse_timestamp)
     if short is not None:
-        ns = np.array([_NAT_NS if at is None else at for at in short], dtype="int64")
-        stamps = pd.Series(ns.view("datetime64[ns]")).dt.tz_localize("UTC")
-        return stamps, np.zeros(len(ns), dtype=bool)
+        ns = np.array([NAT_NS if at is None else at for at in short], dtype="int64")
+        return from_ns(ns), np.zeros(len(ns), dtype=bool)
     raw = as_object_series(values)
     present = build_present_mask(raw)
     if not present.any():
