@@ -353,7 +353,7 @@ def _exact_int(value: Any) -> int | None:
         return None
     text = str(value).strip()
     digits = text.removeprefix("-")
-    if not (digits.isascii() and digits.isdigit()) or abs(int(text)) >= 2**63:
+    if not (digits.isascii() and digits.isdigit()) or not _INT64_MIN <= int(text) <= _INT64_MAX:
         return None
     return int(text)
 
