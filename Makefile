@@ -10,7 +10,7 @@ MLSERVER_VENV := .venv-mlserver
 MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
 BENCH_DIR := reports/bench
 
-.PHONY: demo test lint format venv browser clean reliability audit bench-rest
+.PHONY: demo test lint format venv browser postgres clean reliability audit bench-rest
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,7 +52,16 @@ browser:
 	    echo "chromium is missing: run 'sudo apt-get install chromium'"; exit 1; \
 	  fi; }
 
-test: lint browser
+# The order book's tests start a real PostgreSQL server of their own: Debian's postgresql.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else \
+	    echo "postgresql is missing: run 'sudo apt-get install postgresql'"; exit 1; \
+	  fi; }
+
+test: lint browser postgres
 	$(BIN)/python -m pytest
 
 # The long runs behind the README's Reliability section (about ten minutes): at least 1,000

@@ -308,9 +308,10 @@ def start_service(
     *,
     api_key: str = API_KEY,
     extra_env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
     log_name: str = "service.log",
 ) -> tuple[subprocess.Popen, int, Path]:
-    """``cancel-risk serve --model DIR`` on a free loopback port, in its own session.
+    """``cancel-risk serve --model DIR [extra_args]`` on a free loopback port, in its own session.
 
     Returns the process, its port and its log; the caller waits for ``/readyz`` and stops it.
     """
@@ -326,6 +327,7 @@ def start_service(
         str(Path(sys.executable).with_name("cancel-risk")),
         "serve",
         *("--model", str(model_dir), "--port", str(port)),
+        *(extra_args or ()),
     ]
     log = work / log_name
     return spawn(command, log, service_env), port, log

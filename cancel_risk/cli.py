@@ -389,16 +389,148 @@ def serve(
             "(default models:/cancel-risk@champion, or CANCEL_RISK_MODEL_URI).",
         ),
     ] = None,
+    live: Annotated[
+        bool,
+        typer.Option(
+            "--live",
+            help="Also run the live order book: Ozon's push endpoint, the event routes, "
+            "re-scoring and alerts (or CANCEL_RISK_LIVE=1).",
+        ),
+    ] = False,
+    db: Annotated[
+        str | None,
+        typer.Option(
+            "--db",
+            help="The live book's database URL (implies --live; default "
+            "sqlite:///~/.local/share/cancel-risk/book.db, or CANCEL_RISK_DB_URL).",
+        ),
+    ] = None,
 ) -> None:
     """Start the REST scoring service (keys and limits from CANCEL_RISK_* variables)."""
-    from serving.app import run_server
-    from serving.settings import ServiceSettings, SettingsError
+    from live.settings import LiveSettings
+    from serving.settings import SettingsError
 
     try:
-        settings = ServiceSettings.from_env(host=host, port=port, model_uri=model)
+        settings = LiveSettings.from_env(
+            host=host, port=port, model_uri=model, live=(live or db is not None) or None, db_url=db
+        )
     except SettingsError as exc:
         raise fail(str(exc)) from None
-    run_server(settings)
+    if settings.live:
+        from live.app import run_live_server
+
+        run_live_server(settings)
+    else:
+        from serving.app import run_server
+
+        run_server(settings)
+
+
+@app.command()
+def archive(
+    db: Annotated[
+        str,
+        typer.Option(
+            "--db",
+            help="The live book's database URL (sqlite:///path or postgresql://...).",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="History directory to write (see data/CONTRACT.md).", show_default=False
+        ),
+    ],
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace --out if it is not empty (a directory of files: a previous archive).",
+        ),
+    ] = False,
+) -> None:
+    """Write the live book as a history directory, atomically, for training and the batch."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from live.archive import ArchiveError, archive_book
+    from live.book import redacted
+
+    try:
+        report = archive_book(db, out, force=force)
+    except ArchiveError as exc:
+        raise fail(str(exc)) from None
+    except (SQLAlchemyError, OSError) as exc:
+        raise fail(f"cannot archive {redacted(db)}: {exc}") from None
+    typer.echo(report.format())
+
+
+@app.command()
+def replay(
+    history: HistoryOption,
+    url: Annotated[
+        str,
+        typer.Option(
+            "--url", help="The running service, e.g. http://127.0.0.1:8000.", show_default=False
+        ),
+    ],
+    speed: Annotated[
+        float,
+        typer.Option(
+            "--speed", min=0.0, help="Seconds of history per second of wall time; 0: at once."
+        ),
+    ] = 3600.0,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            "--since",
+            help="ISO-8601 moment: replay only the postings open then or ordered later (their "
+            "earlier records first, at once).",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", help="X-API-Key sent to the event and posting routes."),
+    ] = None,
+    push_secret: Annotated[
+        str | None,
+        typer.Option("--push-secret", help="X-Push-Secret sent with each push."),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", min=1, help="Requests in flight at once.")
+    ] = 8,
+    push_path: Annotated[
+        str, typer.Option("--push-path", help="The service's push endpoint.")
+    ] = "/v1/ozon/push",
+) -> None:
+    """Send a history's records to a running live service in time order, as Ozon would."""
+    from batch.progress import build_progress
+    from live.replay import replay_history, since_ns
+
+    try:
+        since_at = since_ns(since)
+    except ValueError:
+        raise fail(f"--since must be an ISO-8601 moment, not {since!r}") from None
+    progress = build_progress()
+    try:
+        report = replay_history(
+            history,
+            url,
+            speed=speed,
+            since=since_at,
+            api_key=api_key,
+            push_secret=push_secret,
+            concurrency=concurrency,
+            push_path=push_path,
+            progress=progress,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from None
+    finally:
+        progress.close()
+    typer.echo(report.format())
+    if not report.ok:
+        raise typer.Exit(code=1)
 
 
 @app.command()

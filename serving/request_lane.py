@@ -343,8 +343,9 @@ def _add_push(parsed: ParsedRequest, push: Any) -> None:
         raise NotCanonical  # a posting push kind this path does not know
 
 
-def _add_price_row(parsed: ParsedRequest, row: Any) -> None:
-    """One price-log row, mirroring ``build_price_events``."""
+def price_row_values(row: Any) -> tuple[int, str, float, float | None, str | None]:
+    """``at, offer_id, price, old_price, currency_code`` of a canonical price-log row that
+    ``build_price_events`` would keep; :class:`NotCanonical` for anything else."""
     if type(row) is not dict:
         raise NotCanonical
     offer_id = parse_text(row.get("offer_id"))
@@ -352,25 +353,35 @@ def _add_price_row(parsed: ParsedRequest, row: Any) -> None:
     price = parse_decimal(row.get("price"))
     if offer_id is None or at is None or price is None or price < 0:
         raise NotCanonical
-    at_column, offer_column, price_column, old_price_column, currency_column = parsed.events[
-        "price"
-    ]
-    at_column.append(at)
-    offer_column.append(offer_id)
-    price_column.append(price)
-    old_price_column.append(parse_decimal(row.get("old_price")))
-    currency_column.append(parse_text(row.get("currency_code")))
+    return (
+        at,
+        offer_id,
+        price,
+        parse_decimal(row.get("old_price")),
+        parse_text(row.get("currency_code")),
+    )
 
 
-def _add_scan_row(parsed: ParsedRequest, row: Any) -> None:
-    """One carrier-scan row, mirroring ``build_scan_events``."""
+def scan_row_values(row: Any) -> tuple[int, str]:
+    """``at, posting_number`` of a canonical carrier-scan row that ``build_scan_events`` would
+    keep; :class:`NotCanonical` for anything else."""
     if type(row) is not dict:
         raise NotCanonical
     number = parse_text(row.get("posting_number"))
     at = parse_timestamp(row.get("at"))
     if number is None or at is None:
         raise NotCanonical
-    _append(parsed.events["carrier_scan"], at, number)
+    return at, number
+
+
+def _add_price_row(parsed: ParsedRequest, row: Any) -> None:
+    """One price-log row, mirroring ``build_price_events``."""
+    _append(parsed.events["price"], *price_row_values(row))
+
+
+def _add_scan_row(parsed: ParsedRequest, row: Any) -> None:
+    """One carrier-scan row, mirroring ``build_scan_events``."""
+    _append(parsed.events["carrier_scan"], *scan_row_values(row))
 
 
 def _append(columns: list[list[Any]], *values: Any) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 
@@ -169,13 +170,25 @@ async def healthz() -> HealthResponse:
 @router.get(
     "/readyz",
     response_model=ReadyResponse,
-    responses={503: {"model": MessageResponse, "description": "No model is loaded."}},
+    responses={
+        503: {"model": MessageResponse, "description": "No model is loaded, or a check failed."}
+    },
     tags=["health"],
 )
-async def readyz(loaded: ModelDep) -> ReadyResponse:
-    """A model is loaded and requests can be scored."""
+async def readyz(loaded: ModelDep, state: StateDep) -> ReadyResponse | JSONResponse:
+    """A model is loaded and requests can be scored (and the service's other checks hold)."""
+    warnings = []
+    for check in state.readiness_checks:
+        ready, message = await check()
+        if not ready:
+            return JSONResponse({"detail": message}, status_code=503)
+        if message:
+            warnings.append(message)
     return ReadyResponse(
-        status="ready", model_version=loaded.record.version, source=loaded.record.source
+        status="ready",
+        model_version=loaded.record.version,
+        source=loaded.record.source,
+        warnings=warnings,
     )
 
 

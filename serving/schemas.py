@@ -270,3 +270,6 @@ class ReadyResponse(_Strict):
     status: Literal["ready"]
     model_version: str | None
     source: str
+    warnings: list[str] = Field(
+        default_factory=list, description="What works but needs attention (a failing channel)."
+    )

@@ -10,7 +10,7 @@ itself (:func:`score_isolated`).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated
 
 from fastapi import Depends, Request, status
@@ -22,6 +22,9 @@ from serving.scoring import MicroBatcher, ModelScorer, PreparedPosting, ScoredPo
 from serving.settings import ServiceSettings
 
 NowNs = Callable[[], int]
+# A readiness check: (ready, message). Not ready: /readyz answers 503 with the message; ready
+# with a message: /readyz lists it as a warning.
+ReadinessCheck = Callable[[], Awaitable[tuple[bool, str | None]]]
 _MAX_MICRO_BATCH = 64
 
 
@@ -40,6 +43,7 @@ class ServiceState:
         self.metrics = metrics
         self.now_ns = now_ns
         self.reload_lock = asyncio.Lock()
+        self.readiness_checks: list[ReadinessCheck] = []
         self.batcher: MicroBatcher[tuple[ModelScorer, PreparedPosting], ScoredPosting] = (
             MicroBatcher(self._score_prepared, _MAX_MICRO_BATCH)
         )

@@ -1,4 +1,5 @@
-"""Shared fixtures: a synthetic training set, a simulated history, an isolated MLflow store."""
+"""Shared fixtures: a synthetic training set, a simulated history, an isolated MLflow store,
+a real PostgreSQL server."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from postgres import PostgresUnavailable, start_postgres
 
 
 @pytest.fixture(scope="session")
@@ -207,3 +209,19 @@ def tiny_model_dir(simulated_history: Path, tmp_path_factory: pytest.TempPathFac
         training_set, config, fit_training_aggregates(tables, as_of, config.snapshots)
     )
     return model.save(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server of the session's own (``tests/postgres.py``): its superuser's URL,
+    ``postgresql://USER@127.0.0.1:PORT/postgres``. A test wanting rows of its own takes
+    ``postgres.create_database(postgres_url)``. Fails, never skips, when PostgreSQL is missing:
+    ``make test`` installs it."""
+    try:
+        server = start_postgres()
+    except PostgresUnavailable as error:
+        raise pytest.fail.Exception(str(error), pytrace=False) from None
+    try:
+        yield server.url
+    finally:
+        server.stop()
