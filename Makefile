@@ -29,6 +29,7 @@ demo: $(STAMP)
 	$(CLI) show --scores $(DEMO_DIR)/scores.parquet --top 5
 	$(CLI) report --history $(DEMO_DIR)/history --out $(DEMO_DIR)/report.html
 	$(BIN)/python -m cancel_risk.examples --history $(DEMO_DIR)/history --out $(DEMO_DIR)/request.json
+	$(BIN)/python -m cancel_risk.live_demo --history $(DEMO_DIR)/history --db $(DEMO_DIR)/book.db
 	@echo
 	@echo "Cause report: $(DEMO_DIR)/report.html"
 	@echo "Scores:       $(DEMO_DIR)/scores.parquet (summary and rejects beside it)"

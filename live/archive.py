@@ -143,10 +143,8 @@ def _read_snapshot(engine: Engine) -> Iterator[Connection]:
     with engine.connect() as connection:
         if connection.dialect.name == "postgresql":
             connection.execution_options(isolation_level="REPEATABLE READ")
-        elif connection.dialect.name == "sqlite":
-            # pysqlite opens no transaction for reads; without one each SELECT sees the book as
-            # it is at that moment, and the files could disagree with each other.
-            connection.exec_driver_sql("BEGIN")
+        # On SQLite the book's connections begin a real transaction at the first read
+        # (live.book._sqlite_begin): every file is read from one state of the book.
         try:
             yield connection
         finally:

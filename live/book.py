@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,8 +93,43 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     # the process only).
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
     cursor.close()
+    # SQLAlchemy's "begin" event opens every transaction itself (_sqlite_begin), not pysqlite.
+    dbapi_connection.isolation_level = None
+
+
+WRITES = "book_writes"  # execution option: this connection's transactions will write
+BUSY_TIMEOUT_S = 30.0  # how long a SQLite statement waits for a lock before it fails
+LOCK_POLL_S = 0.0002
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    """A transaction that will write takes the write lock at once (``BEGIN IMMEDIATE``): one
+    that read first and then wrote could meet another process's commit in between and fail at
+    once with SQLITE_BUSY, where waiting for the lock (the busy timeout) is what is wanted.
+    A reading transaction is an ordinary ``BEGIN``: all its reads see one state of the book."""
+    if not connection.get_execution_options().get(WRITES, False):
+        connection.exec_driver_sql("BEGIN")
+        return
+    # SQLite's own wait for a lock sleeps 1, 2, 5, 10, 15, 20, 25 ... ms between tries: a
+    # push would wait 8 ms for a lock held 4 ms. This waits in steps of a fifth of a
+    # millisecond instead, up to the busy timeout.
+    cursor = connection.connection.driver_connection.cursor()
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    cursor.execute("PRAGMA busy_timeout=0")
+    try:
+        while True:
+            try:
+                cursor.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(LOCK_POLL_S)
+    finally:
+        cursor.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        cursor.close()
 
 
 def create_book_engine(url: str) -> Engine:
@@ -104,9 +141,12 @@ def create_book_engine(url: str) -> Engine:
         if database and database != ":memory:":
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(
-            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_pre_ping=True
+            url,
+            connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_S},
+            pool_pre_ping=True,
         )
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     # An unreachable server fails fast; a connect_timeout in the URL takes precedence.
     timeout = {} if "connect_timeout" in parsed.query else {"connect_timeout": 5}
@@ -121,7 +161,7 @@ def migrate(engine: Engine) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines at every start
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with _MIGRATING, engine.begin() as connection:
+    with _MIGRATING, engine.execution_options(**{WRITES: True}).begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
@@ -132,6 +172,8 @@ class OrderBook:
     def __init__(self, url: str) -> None:
         self.url = normalise_url(url)
         self.engine = create_book_engine(self.url)
+        # The same pool, for transactions that write (see _sqlite_begin).
+        self.writes = self.engine.execution_options(**{WRITES: True})
         migrate(self.engine)
 
     @property
@@ -469,8 +511,9 @@ def _chunks(values: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
 def score_inputs(connection: Connection, numbers: Sequence[str]) -> dict[str, ScoreInputs]:
     """The records of each posting in ``numbers`` the book holds, in the order received.
 
-    A posting's own pushes and scans, and the card-edit pushes and price rows of its offers:
-    what ``cancel_risk.examples.build_score_request`` takes from an archive.
+    A posting's own pushes and scans, and the card-edit pushes and price rows of its offers
+    (from the row in force at its order time: :func:`_prices_since`): what
+    ``cancel_risk.examples.build_score_request`` takes from an archive.
     """
     inputs: dict[str, ScoreInputs] = {}
     offers_of: dict[str, list[str]] = {}
@@ -501,7 +544,7 @@ def score_inputs(connection: Connection, numbers: Sequence[str]) -> dict[str, Sc
                 inputs[row.posting_number].tracking.append(orjson.loads(row.body))
     offers = sorted({offer for held in offers_of.values() for offer in held})
     edits: dict[str, list[dict[str, Any]]] = {}
-    price_rows: dict[str, list[dict[str, Any]]] = {}
+    price_rows: dict[str, list[tuple[int | None, dict[str, Any]]]] = {}
     for chunk in _chunks(offers):
         for row in connection.execute(
             select(schema.pushes.c.offer_id, schema.pushes.c.body)
@@ -510,18 +553,40 @@ def score_inputs(connection: Connection, numbers: Sequence[str]) -> dict[str, Sc
         ):
             edits.setdefault(row.offer_id, []).append(orjson.loads(row.body))
         for row in connection.execute(
-            select(schema.prices.c.offer_id, schema.prices.c.body)
+            select(schema.prices.c.offer_id, schema.prices.c.at, schema.prices.c.body)
             .where(schema.prices.c.offer_id.in_(chunk))
             .order_by(schema.prices.c.id)
         ):
-            price_rows.setdefault(row.offer_id, []).append(orjson.loads(row.body))
+            price_rows.setdefault(row.offer_id, []).append((row.at, orjson.loads(row.body)))
     for number, held in offers_of.items():
         if number not in inputs:
             continue
+        ordered_at = _order_time(inputs[number].posting)
         for offer in sorted(held):
             inputs[number].pushes.extend(edits.get(offer, ()))
-            inputs[number].prices.extend(price_rows.get(offer, ()))
+            inputs[number].prices.extend(_prices_since(price_rows.get(offer, ()), ordered_at))
     return inputs
+
+
+def _order_time(posting: Mapping[str, Any]) -> int | None:
+    """The posting's order time as the ingestion reads it (FBO: ``created_at``), if canonical."""
+    given = posting.get("in_process_at")
+    return _time_or_none(given if given else posting.get("created_at"))
+
+
+def _prices_since(
+    rows: Sequence[tuple[int | None, dict[str, Any]]], ordered_at: int | None
+) -> list[dict[str, Any]]:
+    """An offer's price rows from the one in force at the order time on (with every row of
+    that moment): what the price features read (the price at purchase, the changes after it,
+    the price at ``as_of``). Earlier rows change no feature; a shop's years of price log
+    would otherwise travel with every posting. Rows whose time is not canonical are kept."""
+    if ordered_at is None:
+        return [body for _, body in rows]
+    in_force = max((at for at, _ in rows if at is not None and at <= ordered_at), default=None)
+    if in_force is None:
+        return [body for _, body in rows]
+    return [body for at, body in rows if at is None or at >= in_force]
 
 
 @dataclass(frozen=True)

@@ -169,9 +169,11 @@ class _Access:
     def _client_address(self, request: Request) -> Any:
         host = request.client.host if request.client is not None else None
         if self.trust_forwarded_for:
-            forwarded = request.headers.get("x-forwarded-for")
+            # Every line of the header: a proxy may add one instead of appending to the client's.
+            forwarded = ",".join(request.headers.getlist("x-forwarded-for"))
             if forwarded:
-                host = forwarded.split(",")[0].strip()
+                # The last entry, the one our proxy added: those before it are the client's own.
+                host = forwarded.split(",")[-1].strip()
         try:
             return ipaddress.ip_address(host) if host else None
         except ValueError:

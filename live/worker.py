@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -38,6 +39,7 @@ from sqlalchemy import Engine
 
 from core.explain import LANGUAGES, explanation_to_dict
 from live.book import (
+    WRITES,
     AlertRule,
     OrderBook,
     PendingPosting,
@@ -62,6 +64,8 @@ from serving.validation import RequestRejected
 logger = logging.getLogger(__name__)
 
 _NS = 1_000_000_000
+COMMIT_ROWS = 8  # scores per write transaction: pushes wait while one commits
+WORKER_NICENESS = 10  # the server answers pushes first when both want the CPU
 _NOT_OPEN = "value_error.not_open"
 
 
@@ -94,9 +98,12 @@ class Rescorer:
         channel_names: Sequence[str] = (),
         sender: Any = None,
         wall: Callable[[], int] = wall_ns,
+        interrupted: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
+        self.interrupted = interrupted
         self.engine = engine
+        self.writes = engine.execution_options(**{WRITES: True})
         self.model = model
         self.channel_names = tuple(channel_names)
         self.sender = sender
@@ -116,7 +123,7 @@ class Rescorer:
         now = self.now()
         loaded = self.model()
         if now is not None and loaded is not None:
-            with self.engine.begin() as connection:
+            with self.writes.begin() as connection:
                 requested = take_sweep_request(connection)
                 last = read_last_sweep(connection)
             if requested or last is None or now - last >= self.settings.sweep_seconds * _NS:
@@ -139,8 +146,10 @@ class Rescorer:
             postings = open_postings(connection)
         size = self.settings.rescore_batch
         for start in range(0, len(postings), size):
+            if self.interrupted():
+                return  # not noted: the next start sweeps again
             self.score(loaded, postings[start : start + size], as_of, "sweep", report)
-        with self.engine.begin() as connection:
+        with self.writes.begin() as connection:
             write_last_sweep(connection, as_of)
             if request is not None:
                 write_sweep_done(connection, request)
@@ -182,18 +191,21 @@ class Rescorer:
                 continue
             prepared.append((pending, row))
         records = self._scored(loaded, prepared, as_of, trigger, unscored)
-        with self.engine.begin() as connection:
-            alerts = record_scores(
-                connection,
-                records,
-                unscored,
-                scored_at=self.wall(),
-                rule=self.rule,
-                channels=self.channel_names,
-            )
+        # Short write transactions: on SQLite a push waits for the write lock while one runs.
+        step = COMMIT_ROWS
+        for start in range(0, max(len(records), len(unscored)), step):
+            with self.writes.begin() as connection:
+                alerts = record_scores(
+                    connection,
+                    records[start : start + step],
+                    unscored[start : start + step],
+                    scored_at=self.wall(),
+                    rule=self.rule,
+                    channels=self.channel_names,
+                )
+            report.alerts_raised += len(alerts)
         report.scored += len(records)
         report.unscored += len(unscored)
-        report.alerts_raised += len(alerts)
 
     def _scored(
         self,
@@ -264,7 +276,13 @@ def run_worker(settings: LiveSettings, stop: Any, parent_pid: int | None = None)
     from live.alerts import AlertSender, parse_channels
     from serving.model_loading import apply_registry_settings
 
+    # The server stops the worker through ``stop``; a SIGTERM or Ctrl-C sent to the whole
+    # process group (systemd, a terminal) must not kill it while it waits on that event (the
+    # server's set() would then wait forever for the dead waiter).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     apply_registry_settings(settings)
+    os.nice(WORKER_NICENESS)
     book = OrderBook(settings.db_url.get_secret_value())
     # A cache of its own: two processes writing one cache could leave its pointer dangling.
     store = ModelStore(
@@ -272,22 +290,27 @@ def run_worker(settings: LiveSettings, stop: Any, parent_pid: int | None = None)
     )
     channels = parse_channels(settings.alert_channels)
     sender = (
-        AlertSender(book.engine, channels, public_url=settings.public_url, now_ns=wall_ns)
+        AlertSender(book.writes, channels, public_url=settings.public_url, now_ns=wall_ns)
         if channels
         else None
     )
+
+    def orphaned() -> bool:
+        return parent_pid is not None and os.getppid() != parent_pid
+
     rescorer = Rescorer(
         settings,
         book.engine,
         lambda: store.current,
         channel_names=[channel.name for channel in channels],
         sender=sender,
+        interrupted=lambda: stop.is_set() or orphaned(),
     )
     poll_seconds = settings.model_poll_seconds or 60.0
     next_poll = time.monotonic() + poll_seconds
     try:
         while not stop.is_set():
-            if parent_pid is not None and os.getppid() != parent_pid:
+            if orphaned():
                 logger.warning("the server process is gone: the worker stops")
                 return
             if store.current is None:

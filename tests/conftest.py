@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
-from postgres import PostgresUnavailable, start_postgres
+
+from benchmarks.postgres import PostgresUnavailable, start_postgres
 
 
 @pytest.fixture(scope="session")

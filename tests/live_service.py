@@ -2,78 +2,33 @@
 
 :class:`LiveService` runs ``cancel-risk serve --live`` (real uvicorn, its worker process beside
 it) on a free loopback port in its own session, and stops it gently or with ``kill -9`` of the
-whole group. :class:`AlertSink` is a real HTTP server on loopback recording every alert the
-service's webhook channel delivers, and failing on demand.
+whole group. :class:`AlertInbox` (the demo's, from :mod:`cancel_risk.live_demo`) is a
+real HTTP server on loopback recording every alert the service's webhook channel delivers.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from benchmarks.harness import free_port, spawn, stop_process, wait_ready
+from cancel_risk.live_demo import AlertInbox
+
+__all__ = ["ADMIN", "KEY", "AlertInbox", "LiveService", "run_cli", "running"]
 
 KEY = "live-scoring-key"
 ADMIN = "live-admin-key"
 CLI = Path(sys.executable).with_name("cancel-risk")
-
-
-@dataclass
-class AlertSink:
-    """A loopback HTTP server keeping the JSON bodies POSTed to it; ``failing`` answers 500."""
-
-    received: list[dict[str, Any]] = field(default_factory=list)
-    failing: bool = False
-    server: ThreadingHTTPServer | None = None
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return f"http://127.0.0.1:{self.server.server_address[1]}/alerts"
-
-    def start(self) -> AlertSink:
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if sink.failing:
-                    self.send_response(500)
-                    self.end_headers()
-                    return
-                sink.received.append(json.loads(body))
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b"{}")
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-
-    def channel(self) -> str:
-        return json.dumps([{"kind": "webhook", "name": "sink", "url": self.url}])
 
 
 @dataclass

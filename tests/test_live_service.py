@@ -13,6 +13,7 @@ a SQLite or PostgreSQL book), fed by ``cancel-risk replay`` as Ozon and the sell
 from __future__ import annotations
 
 import csv
+import json
 import random
 import threading
 from pathlib import Path
@@ -21,9 +22,9 @@ from typing import Any
 import orjson
 import pandas as pd
 import pytest
-from live_service import KEY, AlertSink, LiveService, run_cli, running
-from postgres import create_database, start_postgres
+from live_service import KEY, AlertInbox, LiveService, run_cli, running
 
+from benchmarks.postgres import create_database, start_postgres
 from live.book import KEPT_PUSH_TYPES, OrderBook, digest_of, iter_records
 from live.replay import build_timeline
 from live.schema import pushes as pushes_table
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def sink() -> Any:
-    server = AlertSink().start()
+    server = AlertInbox().start()
     yield server
     server.stop()
 
@@ -84,13 +85,16 @@ def _batch_scores(archive: Path, as_of: str, model: Path, work: Path) -> pd.Data
 
 
 def test_replayed_book_scores_equal_the_batch_on_its_archive(
-    simulated_history: Path, tiny_model_dir: Path, book_url: str, tmp_path: Path, sink: AlertSink
+    simulated_history: Path, tiny_model_dir: Path, book_url: str, tmp_path: Path, sink: AlertInbox
 ) -> None:
     service = LiveService(
         tiny_model_dir,
         book_url,
         tmp_path / "service",
-        env={"CANCEL_RISK_ALERT_CHANNELS": sink.channel(), "CANCEL_RISK_ALERT_LEVEL": "medium"},
+        env={
+            "CANCEL_RISK_ALERT_CHANNELS": json.dumps([sink.webhook()]),
+            "CANCEL_RISK_ALERT_LEVEL": "medium",
+        },
     )
     sink.received.clear()
     with running(service):
@@ -164,14 +168,17 @@ def test_duplicated_and_shuffled_records_give_the_same_book(
 
 
 def test_kill_9_loses_no_acknowledged_push_and_repeats_no_alert(
-    simulated_history: Path, tiny_model_dir: Path, tmp_path: Path, sink: AlertSink
+    simulated_history: Path, tiny_model_dir: Path, tmp_path: Path, sink: AlertInbox
 ) -> None:
     url = f"sqlite:///{tmp_path / 'book.db'}"
     service = LiveService(
         tiny_model_dir,
         url,
         tmp_path / "service",
-        env={"CANCEL_RISK_ALERT_CHANNELS": sink.channel(), "CANCEL_RISK_ALERT_LEVEL": "medium"},
+        env={
+            "CANCEL_RISK_ALERT_CHANNELS": json.dumps([sink.webhook()]),
+            "CANCEL_RISK_ALERT_LEVEL": "medium",
+        },
     )
     sink.received.clear()
     timeline = build_timeline(simulated_history, None)

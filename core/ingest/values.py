@@ -257,6 +257,9 @@ def build_utc_timestamps(values: Column) -> tuple[pd.Series, np.ndarray]:
         return pd.Series(pd.NaT, index=raw.index, dtype=UTC_TS), present
     # Only strings are timestamps here; a number would be read as nanoseconds since 1970.
     text = raw if infer_dtype(raw, skipna=True) == "string" else raw.where(_type_is(raw, str))
+    # pandas reads "now" and "today" as the moment it runs: a record would be dated by when it
+    # was loaded. A timestamp starts with its year.
+    text = text.where(text.str.match(r"\s*\d", na=False))
     parsed = _to_utc_ns(pd.to_datetime(text, utc=True, format="ISO8601", errors="coerce"))
     retry = np.flatnonzero(present & parsed.isna().to_numpy())
     if len(retry):
