@@ -203,6 +203,7 @@ def measure_push_load(
         scores_during_load=after["scores"] - before["scores"],
         pending_after=after["pending"],
     )
+    logger.info("push load: %s", figures)
     return figures
 
 
@@ -216,13 +217,16 @@ def measure_replay(engine: str, model: Path, history: Path, work: Path, env: dic
         report = replay_history(
             history, f"http://127.0.0.1:{port}", speed=0, api_key=API_KEY, concurrency=16
         )
-    return {
+    figures = {
         "engine": engine,
-        "records": report.total_sent,
-        "seconds": report.elapsed_s,
-        "records_per_s": report.total_sent / report.elapsed_s,
-        "refused": report.total_refused,
+        "records": report.records_sent,
+        "requests": report.requests,
+        "seconds": report.elapsed_seconds,
+        "records_per_s": report.events_per_second,
+        "refused": report.refused,
     }
+    logger.info("replay: %s", figures)
+    return figures
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

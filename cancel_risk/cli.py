@@ -417,13 +417,48 @@ def serve(
     except SettingsError as exc:
         raise fail(str(exc)) from None
     if settings.live:
+        from live.alerts import parse_channels
         from live.app import run_live_server
 
+        try:
+            parse_channels(settings.alert_channels)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
         run_live_server(settings)
     else:
         from serving.app import run_server
 
         run_server(settings)
+
+
+@app.command()
+def worker(
+    db: Annotated[
+        str | None,
+        typer.Option("--db", help="The live book's database URL (or CANCEL_RISK_DB_URL)."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Model URI or directory (or CANCEL_RISK_MODEL_URI)."),
+    ] = None,
+) -> None:
+    """Run the live book's re-scoring worker on its own (servers started with
+    CANCEL_RISK_WORKER=false leave it to this), until interrupted."""
+    import threading
+
+    from live.settings import LiveSettings
+    from live.worker import run_worker
+    from serving.settings import SettingsError
+
+    try:
+        settings = LiveSettings.from_env(model_uri=model, live=True, db_url=db)
+    except SettingsError as exc:
+        raise fail(str(exc)) from None
+    stop = threading.Event()
+    try:
+        run_worker(settings, stop, handle_signals=False)
+    except KeyboardInterrupt:
+        stop.set()
 
 
 @app.command()

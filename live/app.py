@@ -30,7 +30,7 @@ from live.routes import build_live_router
 from live.settings import LiveSettings
 from live.worker import WorkerProcess, start_worker_process
 from live.writer import BookWriter
-from serving.app import create_app, wall_clock_ns
+from serving.app import create_app, serve_app, wall_clock_ns
 from serving.model_store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -198,8 +198,6 @@ def create_live_app(
 
 def run_live_server(settings: LiveSettings) -> None:
     """Serve the live application with uvicorn, as :func:`serving.app.run_server` does."""
-    import uvicorn
-
     from serving.model_loading import apply_registry_settings
 
     logging.getLogger("serving").setLevel(settings.log_level.upper())
@@ -214,16 +212,9 @@ def run_live_server(settings: LiveSettings) -> None:
         settings.host,
         settings.port,
     )
-    uvicorn.run(
+    serve_app(
         create_live_app(settings, freeze_startup_objects=True),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        workers=1,
-        access_log=settings.access_log,
-        log_level=settings.log_level,
-        server_header=False,
+        settings,
         # The push allow-list reads the client's address: X-Forwarded-For only when told
         # (CANCEL_RISK_TRUST_FORWARDED_FOR, read by live.push), never by uvicorn's own default.
         proxy_headers=False,

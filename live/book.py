@@ -354,22 +354,30 @@ def accept_posting(connection: Connection, posting: dict[str, Any], received_at:
     return outcome
 
 
-def accept_price(connection: Connection, row: dict[str, Any], received_at: int) -> Accepted:
-    """Store a price-log row once; a new one marks the open postings of its offer."""
+def _accept_row(
+    connection: Connection, table: Any, key: str, row: dict[str, Any], received_at: int
+) -> tuple[bool, int | None]:
+    """Store a price or scan row once (keyed by ``key``): whether it is new, and its time."""
     at = _time_or_none(row.get("at"))
     stored = _inserted(
         connection,
-        _insert(connection, schema.prices)
+        _insert(connection, table)
         .values(
             digest=digest_of(row),
-            offer_id=str(row["offer_id"]),
             at=at,
             received_at=received_at,
             body=_dumps(row),
+            **{key: str(row[key])},
         )
         .on_conflict_do_nothing(index_elements=["digest"]),
-        schema.prices.c.id,
+        table.c.id,
     )
+    return stored, at
+
+
+def accept_price(connection: Connection, row: dict[str, Any], received_at: int) -> Accepted:
+    """Store a price-log row once; a new one marks the open postings of its offer."""
+    stored, at = _accept_row(connection, schema.prices, "offer_id", row, received_at)
     if stored:
         _touch_offer(connection, str(row["offer_id"]))
     return Accepted(stored, at)
@@ -377,20 +385,7 @@ def accept_price(connection: Connection, row: dict[str, Any], received_at: int) 
 
 def accept_scan(connection: Connection, row: dict[str, Any], received_at: int) -> Accepted:
     """Store a carrier scan once; a new one marks its posting."""
-    at = _time_or_none(row.get("at"))
-    stored = _inserted(
-        connection,
-        _insert(connection, schema.scans)
-        .values(
-            digest=digest_of(row),
-            posting_number=str(row["posting_number"]),
-            at=at,
-            received_at=received_at,
-            body=_dumps(row),
-        )
-        .on_conflict_do_nothing(index_elements=["digest"]),
-        schema.scans.c.id,
-    )
+    stored, at = _accept_row(connection, schema.scans, "posting_number", row, received_at)
     if stored:
         _touch_posting(connection, str(row["posting_number"]))
     return Accepted(stored, at)

@@ -11,8 +11,8 @@ Every record of the history becomes a request to the service's live routes:
   ``X-Push-Secret``), as Ozon sends it. A push that the archive dates by its neighbours (a
   delivery-date change without a time: :func:`core.ingest.events.with_receipt_times`) carries
   that time as its ``received_at``, so the book dates it as the archive does;
-- price rows (``prices.csv``) and carrier scans (``tracking.csv``) go in batches of consecutive
-  rows due together to ``/v1/events/prices`` and ``/v1/events/tracking`` (``X-API-Key``);
+- price rows (``prices.csv``) and carrier scans (``tracking.csv``) go in batches of the rows
+  due together to ``/v1/events/prices`` and ``/v1/events/tracking`` (``X-API-Key``);
 - posting objects go to ``/v1/postings``, as the seller's poller would have seen them:
   ``postings.jsonl`` is the export's snapshot (final status, cancellation, hand-over date,
   latest promise), so at the order time and at each of the posting's state pushes the replay

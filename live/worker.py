@@ -266,8 +266,17 @@ def _unscored(pending: PendingPosting, exc: RequestRejected) -> Unscored:
 # --- the process ----------------------------------------------------------------------------------
 
 
-def run_worker(settings: LiveSettings, stop: Any, parent_pid: int | None = None) -> None:
-    """The worker's loop until ``stop`` is set or the parent process is gone."""
+def run_worker(
+    settings: LiveSettings,
+    stop: Any,
+    parent_pid: int | None = None,
+    *,
+    handle_signals: bool = True,
+) -> None:
+    """The worker's loop until ``stop`` is set or the parent process is gone.
+
+    Beside a server (``handle_signals``), SIGTERM and SIGINT are ignored: the server stops it.
+    """
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
@@ -279,8 +288,9 @@ def run_worker(settings: LiveSettings, stop: Any, parent_pid: int | None = None)
     # The server stops the worker through ``stop``; a SIGTERM or Ctrl-C sent to the whole
     # process group (systemd, a terminal) must not kill it while it waits on that event (the
     # server's set() would then wait forever for the dead waiter).
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if handle_signals:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     apply_registry_settings(settings)
     os.nice(WORKER_NICENESS)
     book = OrderBook(settings.db_url.get_secret_value())

@@ -193,8 +193,6 @@ def create_app(
 
 def run_server(settings: ServiceSettings) -> None:
     """Serve ``settings`` with uvicorn: one worker, uvloop and httptools, until interrupted."""
-    import uvicorn
-
     logging.getLogger("serving").setLevel(settings.log_level.upper())
     apply_registry_settings(settings)
     logger.info(
@@ -204,8 +202,15 @@ def run_server(settings: ServiceSettings) -> None:
         settings.port,
         "on" if settings.fast_path else "off",
     )
+    serve_app(create_app(settings, freeze_startup_objects=True), settings)
+
+
+def serve_app(app: FastAPI, settings: ServiceSettings, **options: Any) -> None:
+    """Serve ``app`` with uvicorn until interrupted: one worker, uvloop and httptools."""
+    import uvicorn
+
     uvicorn.run(
-        create_app(settings, freeze_startup_objects=True),
+        app,
         host=settings.host,
         port=settings.port,
         loop="uvloop",
@@ -214,4 +219,5 @@ def run_server(settings: ServiceSettings) -> None:
         access_log=settings.access_log,
         log_level=settings.log_level,
         server_header=False,
+        **options,
     )

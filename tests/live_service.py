@@ -24,7 +24,7 @@ import httpx
 from benchmarks.harness import free_port, spawn, stop_process, wait_ready
 from cancel_risk.live_demo import AlertInbox
 
-__all__ = ["ADMIN", "KEY", "AlertInbox", "LiveService", "run_cli", "running"]
+__all__ = ["ADMIN", "CLI", "KEY", "AlertInbox", "LiveService", "run_cli", "running"]
 
 KEY = "live-scoring-key"
 ADMIN = "live-admin-key"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import threading
 from pathlib import Path
@@ -22,8 +23,9 @@ from typing import Any
 import orjson
 import pandas as pd
 import pytest
-from live_service import KEY, AlertInbox, LiveService, run_cli, running
+from live_service import CLI, KEY, AlertInbox, LiveService, run_cli, running
 
+from benchmarks.harness import spawn, stop_process
 from benchmarks.postgres import create_database, start_postgres
 from live.book import KEPT_PUSH_TYPES, OrderBook, digest_of, iter_records
 from live.replay import build_timeline
@@ -268,3 +270,33 @@ def test_unreachable_database_answers_503_in_ozons_shape(
 def _read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(encoding="utf-8-sig", newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def test_a_worker_of_its_own_scores_what_the_server_stores(
+    simulated_history: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """``CANCEL_RISK_WORKER=false`` servers store; ``cancel-risk worker`` scores, elsewhere."""
+    url = f"sqlite:///{tmp_path / 'book.db'}"
+    service = LiveService(
+        tiny_model_dir, url, tmp_path / "service", env={"CANCEL_RISK_WORKER": "false"}
+    )
+    with running(service):
+        with service.client() as client:
+            postings = [
+                r.body for r in build_timeline(simulated_history, None) if r.kind == "posting"
+            ]
+            client.post("/v1/postings", json={"postings": postings[-300:]}).raise_for_status()
+        assert service.status()["scores"] == 0  # nobody scores yet
+        env = {
+            **os.environ,
+            "CANCEL_RISK_CLOCK": "events",
+            "CANCEL_RISK_MODEL_CACHE_DIR": str(tmp_path / "worker-cache"),
+        }
+        command = [str(CLI), "worker", "--db", url, "--model", str(tiny_model_dir)]
+        worker = spawn(command, tmp_path / "worker.log", env, cwd=tmp_path)
+        try:
+            status = service.wait_idle(timeout=120)
+        finally:
+            stop_process(worker)
+    assert status["scores"] > 0 and status["pending"] == 0
+    assert worker.returncode is not None
