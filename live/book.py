@@ -556,14 +556,14 @@ def score_inputs(connection: Connection, numbers: Sequence[str]) -> dict[str, Sc
     for number, held in offers_of.items():
         if number not in inputs:
             continue
-        ordered_at = _order_time(inputs[number].posting)
+        ordered_at = order_time(inputs[number].posting)
         for offer in sorted(held):
             inputs[number].pushes.extend(edits.get(offer, ()))
             inputs[number].prices.extend(_prices_since(price_rows.get(offer, ()), ordered_at))
     return inputs
 
 
-def _order_time(posting: Mapping[str, Any]) -> int | None:
+def order_time(posting: Mapping[str, Any]) -> int | None:
     """The posting's order time as the ingestion reads it (FBO: ``created_at``), if canonical."""
     given = posting.get("in_process_at")
     return _time_or_none(given if given else posting.get("created_at"))

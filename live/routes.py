@@ -40,6 +40,7 @@ from live.book import (
     book_status,
     channel_health,
     list_postings,
+    order_time,
     posting_view,
     request_sweep,
 )
@@ -137,8 +138,9 @@ def build_live_router(
 
         def operation(connection: Any) -> tuple[Any, list[int]]:
             outcomes = [accept(connection, records[i], received_at) for i in usable]
-            if kind == "postings":
-                return outcomes, []
+            if kind == "postings":  # an order's time is a record time too (the book's clock)
+                times = [order_time(records[i]) for i in usable]
+                return outcomes, [at for at in times if at is not None]
             return outcomes, [o.at for o in outcomes if o.at is not None]
 
         try:
