@@ -230,7 +230,11 @@ def run(args: argparse.Namespace) -> None:
             print(_alert_line(alert))
     print()
     print(f"The live book: {db} (sqlite; CANCEL_RISK_DB_URL=postgresql://... for a server)")
-    print(f"Start it again:  CANCEL_RISK_API_KEYS={KEY} {CLI.name} serve --db sqlite:///{db}")
+    print(
+        f"Start it again:  CANCEL_RISK_API_KEYS={KEY} CANCEL_RISK_CLOCK=events "
+        f"{CLI.name} serve --db sqlite:///{db}"
+    )
+    print("  (CANCEL_RISK_CLOCK=events: the demo's orders are scored at their own time)")
     print(
         f"  risky orders:  curl -s -H 'X-API-Key: {KEY}' 'http://127.0.0.1:8000/v1/postings?risk=high'"
     )
