@@ -100,6 +100,7 @@ from live.book import (
     DueAlert,
     channel_health,
     due_alerts,
+    iso_time,
     mark_alert_failed,
     mark_alert_sent,
     record_channel,
@@ -453,12 +454,6 @@ def percent(value: float, lang: str) -> str:
     """``83%``; Russian puts a space before the sign (``83 %``), as the playbook does."""
     number = f"{value * 100:.0f}"
     return f"{number} %" if lang == "ru" else f"{number}%"
-
-
-def iso_time(ns: int) -> str:
-    """UTC nanoseconds as ISO-8601 with microseconds and ``Z`` (the contract's form)."""
-    moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ns // 1000)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _human_time(ns: int) -> str:

@@ -29,10 +29,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pandas as pd
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -49,9 +51,9 @@ from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 
-from core.ingest.events import PUSH_SPECS, RECEIVED_AT
+from core.ingest.events import NEXT_PUSH_AT, PUSH_SPECS, RECEIVED_AT
 from core.ingest.postings import STATUS_PROGRESS
-from core.ingest.values import NotCanonical, parse_timestamp
+from core.ingest.values import NotCanonical, build_utc_timestamps, parse_timestamp
 from live import schema
 
 logger = logging.getLogger(__name__)
@@ -68,11 +70,11 @@ SWEEP_DONE_KEY = "sweep_done_ns"
 # for the archive; the features read the deadline from the posting object).
 CUTOFF_PUSH = "TYPE_CUTOFF_DATE_CHANGED"
 KEPT_PUSH_TYPES = frozenset({*PUSH_SPECS, CUTOFF_PUSH})
-_PUSH_TIME_KEYS: dict[str, tuple[str, ...]] = {
-    name: tuple(key for key in spec.time_keys if key != RECEIVED_AT and " " not in key)
+PUSH_TIME_KEYS: dict[str, tuple[str, ...]] = {
+    name: tuple(key for key in spec.time_keys if key not in (RECEIVED_AT, NEXT_PUSH_AT))
     for name, spec in PUSH_SPECS.items()
 }
-_PUSH_TIME_KEYS[CUTOFF_PUSH] = ()
+PUSH_TIME_KEYS[CUTOFF_PUSH] = ()
 
 
 # --- the database ---------------------------------------------------------------------------------
@@ -209,6 +211,21 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
+def read_moment(value: Any) -> int | None:
+    """A time as the ingestion reads it (more forms than ISO-8601 UTC), in UTC ns; None when it
+    is absent or not a time."""
+    if value is None or value == "":
+        return None
+    try:
+        return parse_timestamp(value)
+    except NotCanonical:
+        pass
+    if not isinstance(value, str):
+        return None
+    at = build_utc_timestamps([value])[0].iloc[0]
+    return None if pd.isna(at) else int(at.value)
+
+
 def _time_or_none(value: Any) -> int | None:
     if not isinstance(value, str) or not value:
         return None
@@ -231,7 +248,7 @@ class Accepted:
 
 def push_time(push: Mapping[str, Any]) -> int | None:
     """The push's own time (its type's time keys, as the ingestion reads them), if any."""
-    for key in _PUSH_TIME_KEYS.get(str(push.get("message_type")), ()):
+    for key in PUSH_TIME_KEYS.get(str(push.get("message_type")), ()):
         at = _time_or_none(push.get(key))
         if at is not None:
             return at
@@ -269,7 +286,7 @@ def accept_push(connection: Connection, push: dict[str, Any], received_at: int) 
     at = push_time(push)
     body = push
     if at is None and RECEIVED_AT not in push:
-        body = {**push, RECEIVED_AT: _iso(received_at)}
+        body = {**push, RECEIVED_AT: iso_time(received_at)}
     posting_number = push.get("posting_number") or None
     offer_id = push.get("offer_id") if not posting_number else None
     stored = _inserted(
@@ -732,8 +749,8 @@ def record_scores(
 def _score_dict(row: Any, lang: str) -> dict[str, Any]:
     explanations = orjson.loads(row.explanations)
     return {
-        "as_of": _iso(row.as_of),
-        "scored_at": _iso(row.scored_at),
+        "as_of": iso_time(row.as_of),
+        "scored_at": iso_time(row.scored_at),
         "trigger": row.trigger,
         "model": {"name": row.model_name, "version": row.model_version},
         "probability": row.probability,
@@ -770,12 +787,12 @@ def posting_view(
         "open": row.is_open,
         "pending": row.pending,
         "note": row.note,
-        "received_at": _iso(row.received_at),
+        "received_at": iso_time(row.received_at),
         "records": counts,
         "score": latest,
         "history": [
             {
-                "as_of": _iso(h.as_of),
+                "as_of": iso_time(h.as_of),
                 "probability": h.probability,
                 "risk_level": h.risk_level,
                 "trigger": h.trigger,
@@ -842,7 +859,7 @@ def list_postings(
                 "open": row.is_open,
                 "probability": row.probability,
                 "risk_level": row.risk_level,
-                "as_of": None if row.scored_as_of is None else _iso(row.scored_as_of),
+                "as_of": None if row.scored_as_of is None else iso_time(row.scored_as_of),
                 "first_reason": reasons[0] if reasons else None,
                 "first_action": actions[0] if actions else None,
                 "note": row.note,
@@ -881,8 +898,8 @@ def book_status(connection: Connection) -> dict[str, Any]:
         "alerts_unsent": count(
             select(func.count()).select_from(schema.alerts).where(schema.alerts.c.sent_at.is_(None))
         ),
-        "clock": None if clock is None else _iso(clock),
-        "last_sweep": None if sweep is None else _iso(sweep),
+        "clock": None if clock is None else iso_time(clock),
+        "last_sweep": None if sweep is None else iso_time(sweep),
         "sweep_requested": _read_meta(connection, SWEEP_REQUEST_KEY),
         "sweep_done": _read_meta(connection, SWEEP_DONE_KEY),
     }
@@ -1037,9 +1054,7 @@ def iter_records(connection: Connection, table: Any) -> Iterator[dict[str, Any]]
         yield orjson.loads(row.body)
 
 
-def _iso(ns: int) -> str:
+def iso_time(ns: int) -> str:
     """UTC nanoseconds as ISO-8601 with microseconds and ``Z`` (the contract's form)."""
-    from datetime import UTC, datetime, timedelta
-
     moment = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=ns // 1000)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -35,10 +35,10 @@ are 403 in Ozon's shape.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import ipaddress
 import logging
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -48,8 +48,7 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CollectorRegistry, Counter
 
 from core.ingest.events import PUSH_SPECS
-from core.ingest.values import NotCanonical, parse_timestamp
-from live.book import CUTOFF_PUSH, KEPT_PUSH_TYPES, accept_push
+from live.book import CUTOFF_PUSH, KEPT_PUSH_TYPES, accept_push, read_moment
 from live.settings import LiveSettings
 from live.writer import BookWriter
 
@@ -117,22 +116,9 @@ def check_push(push: Any) -> str:
             continue
         if not isinstance(value, str):
             raise PushProblem(UNKNOWN, f"{message_type}: {key} {value!r} is not a timestamp")
-        try:
-            parse_timestamp(value)
-        except NotCanonical:
-            if not _lenient_timestamp(value):
-                raise PushProblem(
-                    UNKNOWN, f"{message_type}: {key} {value!r} is not a timestamp"
-                ) from None
+        if read_moment(value) is None:
+            raise PushProblem(UNKNOWN, f"{message_type}: {key} {value!r} is not a timestamp")
     return message_type
-
-
-def _lenient_timestamp(value: str) -> bool:
-    """Whether the ingestion reads ``value`` as a time (it takes more forms than ISO-8601 UTC)."""
-    from core.ingest.values import build_utc_timestamps
-
-    _, bad = build_utc_timestamps([value])
-    return not bool(bad[0])
 
 
 class PushMetrics:
@@ -210,7 +196,7 @@ def build_push_router(
             return ozon_error(400, problem.code, str(problem))
         if message_type == PING:
             metrics.pushes.labels(PING, "ping").inc()
-            answer = {"version": settings_version(), "name": APP_NAME, "time": started_text}
+            answer = {"version": app_version(), "name": APP_NAME, "time": started_text}
             return Response(orjson.dumps(answer), media_type="application/json")
         if message_type not in KEPT_PUSH_TYPES:
             metrics.pushes.labels("other", "ignored").inc()
@@ -252,14 +238,12 @@ def build_push_router(
     return router
 
 
-def settings_version() -> str:
+@functools.cache
+def app_version() -> str:
+    """The installed package's version (what ``TYPE_PING`` answers as ``version``)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(APP_NAME)
     except PackageNotFoundError:
         return "0"
-
-
-def wall_ns() -> int:
-    return time.time_ns() // 1000 * 1000

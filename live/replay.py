@@ -58,12 +58,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import orjson
-import pandas as pd
 
 from batch.progress import Progress
 from core.ingest.events import (
     DELIVERED_STATES,
-    NEXT_PUSH_AT,
     PUSH_SPECS,
     RECEIVED_AT,
     next_push_times,
@@ -80,8 +78,8 @@ from core.ingest.history import (
 )
 from core.ingest.jsonlines import BOM
 from core.ingest.postings import STATUS_PROGRESS
-from core.ingest.values import NotCanonical, build_utc_timestamps, parse_timestamp
 from core.tables import TERMINAL_STATUSES
+from live.book import PUSH_TIME_KEYS, read_moment
 
 logger = logging.getLogger(__name__)
 
@@ -137,43 +135,24 @@ _PHASE_NAMES = {CATCH_UP: "catch-up", PACED: "replay", END: "open postings' snap
 
 # The keys that date a push of a type the predictor does not use (chats, stocks, ...).
 _ANY_PUSH_TIME_KEYS = ("changed_state_date", "in_process_at", "changed_at", "created_at")
-# A push type's own time keys, as live.book.push_time reads them.
-_OWN_TIME_KEYS: dict[str, tuple[str, ...]] = {
-    name: tuple(key for key in spec.time_keys if key not in (RECEIVED_AT, NEXT_PUSH_AT))
-    for name, spec in PUSH_SPECS.items()
-}
 
 
 # --- times ----------------------------------------------------------------------------------------
-
-
-def moment_of(value: Any) -> int | None:
-    """A timestamp (ISO-8601 text) as UTC nanoseconds, as the loader reads it; None if unusable."""
-    if value is None or value == "":
-        return None
-    try:
-        return parse_timestamp(value)
-    except NotCanonical:
-        pass
-    if not isinstance(value, str):
-        return None
-    at = build_utc_timestamps([value])[0].iloc[0]
-    return None if pd.isna(at) else int(at.value)
 
 
 def push_event_time(push: Mapping[str, Any]) -> int | None:
     """When a push happened: its type's own time keys, else its ``received_at``; a push of a
     type the ingestion does not read may also be dated by its ``created_at`` and the like."""
     message_type = push.get("message_type")
-    for key in _OWN_TIME_KEYS.get(str(message_type), ()):
-        at = moment_of(push.get(key))
+    for key in PUSH_TIME_KEYS.get(str(message_type), ()):
+        at = read_moment(push.get(key))
         if at is not None:
             return at
-    at = moment_of(push.get(RECEIVED_AT))
+    at = read_moment(push.get(RECEIVED_AT))
     if at is not None or message_type in PUSH_SPECS:
         return at
     for key in _ANY_PUSH_TIME_KEYS:
-        at = moment_of(push.get(key))
+        at = read_moment(push.get(key))
         if at is not None:
             return at
     return None
@@ -303,7 +282,7 @@ def _as_polled(
     if "cancel_reason_id" in snapshot:
         polled["cancel_reason_id"] = _emptied(snapshot["cancel_reason_id"])
     if "delivering_date" in snapshot:
-        handed_at = moment_of(snapshot.get("delivering_date"))
+        handed_at = read_moment(snapshot.get("delivering_date"))
         if handed_at is None or handed_at > moment_ns:
             polled["delivering_date"] = None
     analytics = snapshot.get("analytics_data")
@@ -459,7 +438,7 @@ def since_ns(since: str | datetime | int | None) -> int | None:
     if isinstance(since, datetime):
         moment = since if since.tzinfo is not None else since.replace(tzinfo=UTC)
         return (moment - _EPOCH) // timedelta(microseconds=1) * 1000
-    at = moment_of(since)
+    at = read_moment(since)
     if at is None:
         raise ValueError(f"since must be an ISO-8601 moment, not {since!r}")
     return at
@@ -494,7 +473,7 @@ def read_timeline(history_dir: str | Path, since: str | datetime | int | None = 
         if at is None and push.get("message_type") not in PUSH_SPECS:
             # A type the ingestion does not read, without a time (a shipment deadline change):
             # it arrived before the next timestamped push, and goes with that receipt time.
-            at = moment_of(next_at[position])
+            at = read_moment(next_at[position])
             if at is not None:
                 push = {**push, RECEIVED_AT: next_at[position]}
         if at is None:
@@ -515,7 +494,7 @@ def read_timeline(history_dir: str | Path, since: str | datetime | int | None = 
     finals: list[tuple[str, _Posting]] = []
     for number, posting in postings.items():
         snapshot = posting.snapshot
-        ordered_at = moment_of(snapshot.get("in_process_at")) or moment_of(
+        ordered_at = read_moment(snapshot.get("in_process_at")) or read_moment(
             snapshot.get("created_at")
         )
         if ordered_at is None:
@@ -604,7 +583,7 @@ def _dated_rows(
 ) -> list[tuple[int, int, dict[str, str]]]:
     rows = []
     for line, row in _csv_rows(path):
-        at = moment_of(row.get("at"))
+        at = read_moment(row.get("at"))
         if at is None:
             skipped[f"{what} without a readable at"] += 1
             logger.warning("%s:%d has no readable time: not sent", path.name, line)

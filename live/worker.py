@@ -29,7 +29,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -56,6 +55,7 @@ from live.book import (
     write_sweep_done,
 )
 from live.settings import LiveSettings
+from serving.app import wall_clock_ns
 from serving.model_store import LoadedModel, ModelStore
 from serving.scoring import PreparedPosting, ScoredPosting, ScoreJob, complete_rows
 from serving.state import score_isolated
@@ -67,10 +67,6 @@ _NS = 1_000_000_000
 COMMIT_ROWS = 8  # scores per write transaction: pushes wait while one commits
 WORKER_NICENESS = 10  # the server answers pushes first when both want the CPU
 _NOT_OPEN = "value_error.not_open"
-
-
-def wall_ns() -> int:
-    return time.time_ns() // 1000 * 1000
 
 
 @dataclass
@@ -97,7 +93,7 @@ class Rescorer:
         *,
         channel_names: Sequence[str] = (),
         sender: Any = None,
-        wall: Callable[[], int] = wall_ns,
+        wall: Callable[[], int] = wall_clock_ns,
         interrupted: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
@@ -300,7 +296,7 @@ def run_worker(
     )
     channels = parse_channels(settings.alert_channels)
     sender = (
-        AlertSender(book.writes, channels, public_url=settings.public_url, now_ns=wall_ns)
+        AlertSender(book.writes, channels, public_url=settings.public_url, now_ns=wall_clock_ns)
         if channels
         else None
     )
@@ -369,16 +365,3 @@ def start_worker_process(settings: LiveSettings) -> WorkerProcess:
     )
     process.start()
     return WorkerProcess(process, stop_event)
-
-
-def run_in_thread(rescorer: Rescorer, stop: threading.Event, interval: float) -> threading.Thread:
-    """The worker's loop in a thread of this process (tests and notebooks)."""
-
-    def loop() -> None:
-        while not stop.is_set():
-            if not rescorer.turn().busy:
-                stop.wait(interval)
-
-    thread = threading.Thread(target=loop, name="book-rescorer", daemon=True)
-    thread.start()
-    return thread

@@ -70,12 +70,10 @@ class BookWriter:
         *,
         max_batch: int = 512,
         max_skew_ns: int = 3_600 * 10**9,
-        on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self.engine = engine
         self.max_batch = max_batch
         self.max_skew_ns = max_skew_ns
-        self.on_commit = on_commit
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="book-writer", daemon=True)
         self.clock: int | None = None  # the book's clock as last committed
@@ -121,7 +119,6 @@ class BookWriter:
                 return
 
     def _commit(self, batch: list[_Job]) -> None:
-        started = time.perf_counter()
         try:
             values = self._transaction(batch)
         except Exception as exc:
@@ -136,8 +133,6 @@ class BookWriter:
             return
         for job, value in zip(batch, values, strict=True):
             _resolve(job, value, None)
-        if self.on_commit is not None:
-            self.on_commit(len(batch), time.perf_counter() - started)
 
     def _transaction(self, batch: list[_Job]) -> list[Any]:
         values = []

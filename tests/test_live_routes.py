@@ -37,7 +37,8 @@ import pytest
 from live_service import ADMIN, LiveService
 
 from core.tables import TERMINAL_STATUSES
-from live.replay import PACED, POSTING, PRICE, PUSH, SCAN, build_timeline, moment_of
+from live.book import read_moment
+from live.replay import PACED, POSTING, PRICE, PUSH, SCAN, build_timeline
 
 pytestmark = pytest.mark.slow
 
@@ -653,8 +654,8 @@ def test_a_scored_posting_has_its_risk_reasons_actions_and_history(
             assert explanation["reasons"] and explanation["actions"], explanation
         assert all(reason["code"] and "facts" in reason for reason in explanation["reasons"])
         # At the book's clock: the history's, not the wall clock's.
-        ordered_at = moment_of(ordered[number]["in_process_at"])
-        assert ordered_at <= moment_of(score["as_of"]) <= sample.cut
+        ordered_at = read_moment(ordered[number]["in_process_at"])
+        assert ordered_at <= read_moment(score["as_of"]) <= sample.cut
         assert view["history"]
         assert view["history"][-1]["probability"] == score["probability"]
         assert view["records"]["pushes"] >= 1
