@@ -36,7 +36,7 @@ CAUSES = (
 # --- counterfactuals ---------------------------------------------------------------------------
 
 
-class _Matrix:
+class NamedMatrix:
     """Named access to the columns of a model matrix (rows: orders, columns: features)."""
 
     def __init__(self, matrix: np.ndarray, positions: Mapping[str, int]):
@@ -64,11 +64,11 @@ class Cause:
     """When a cause applies to an order, and the order's features with the cause fixed."""
 
     code: str
-    applies: Callable[[_Matrix, Mapping[str, float]], np.ndarray]
-    fix: Callable[[_Matrix, Mapping[str, float]], None]
+    applies: Callable[[NamedMatrix, Mapping[str, float]], np.ndarray]
+    fix: Callable[[NamedMatrix, Mapping[str, float]], None]
 
 
-def _price_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+def _price_applies(m: NamedMatrix, ref: Mapping[str, float]) -> np.ndarray:
     return (
         lt(m["price_change_pct"], -0.5)
         | lt(m["lowest_price_change_pct"], -0.5)
@@ -76,30 +76,30 @@ def _price_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
     )
 
 
-def _price_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+def _price_fix(m: NamedMatrix, ref: Mapping[str, float]) -> None:
     m["price_change_pct"] = np.fmax(m["price_change_pct"], 0.0)
     m["lowest_price_change_pct"] = np.fmax(m["lowest_price_change_pct"], 0.0)
     m["price_changes_since_purchase"] = 0.0
     m["promotion_since_purchase"] = 0.0
 
 
-def _late_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+def _late_applies(m: NamedMatrix, ref: Mapping[str, float]) -> np.ndarray:
     return lt(m["hours_to_promised_delivery_end"], 24.0) | gt(m["delivery_date_changes"], 0)
 
 
-def _late_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+def _late_fix(m: NamedMatrix, ref: Mapping[str, float]) -> None:
     m["hours_to_promised_delivery_end"] = np.fmax(m["hours_to_promised_delivery_end"], 72.0)
     m["delivery_date_changes"] = 0.0
     m["delivery_date_shift_hours"] = 0.0
 
 
-def _quiet_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+def _quiet_applies(m: NamedMatrix, ref: Mapping[str, float]) -> np.ndarray:
     # Quiet now, or stuck for a while since the handover (the parcel barely moved meanwhile).
     quiet = gt(m["hours_since_last_activity"], 48.0) | gt(m["silent_hours_since_handover"], 0)
     return gt(m["is_handed_over"], 0.5) & quiet
 
 
-def _quiet_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+def _quiet_fix(m: NamedMatrix, ref: Mapping[str, float]) -> None:
     # Tracking that kept moving: a recent update and no silence since the handover.
     m["hours_since_last_activity"] = np.fmin(m["hours_since_last_activity"], 12.0)
     m["hours_since_last_scan"] = np.where(
@@ -109,27 +109,27 @@ def _quiet_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
     m["silent_hours_since_handover"] = np.where(np.isnan(silent), np.nan, 0.0)
 
 
-def _not_shipped_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+def _not_shipped_applies(m: NamedMatrix, ref: Mapping[str, float]) -> np.ndarray:
     return lt(m["is_handed_over"], 0.5) & gt(m["hours_since_order"], 48.0)
 
 
-def _not_shipped_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+def _not_shipped_fix(m: NamedMatrix, ref: Mapping[str, float]) -> None:
     # Shipped a day after the order, with its first scan half a day ago.
     m["is_handed_over"] = 1.0
     m["hours_since_handover"] = np.fmax(m["hours_since_order"] - 24.0, 1.0)
     m["hours_since_last_activity"] = np.fmin(m["hours_since_last_activity"], 12.0)
 
 
-def _listing_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+def _listing_applies(m: NamedMatrix, ref: Mapping[str, float]) -> np.ndarray:
     return gt(m["card_edits_since_purchase"], 0)
 
 
-def _listing_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+def _listing_fix(m: NamedMatrix, ref: Mapping[str, float]) -> None:
     m["card_edits_since_purchase"] = 0.0
     m["hours_since_last_card_edit"] = np.nan
 
 
-def _buyer_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+def _buyer_applies(m: NamedMatrix, ref: Mapping[str, float]) -> np.ndarray:
     applies = gt(m["buyer_earlier_buyer_cancels"], 0) | (m["buyer_earlier_postings"] == 0)
     for column in ("payment_type", "region"):
         if column in ref:
@@ -137,7 +137,7 @@ def _buyer_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
     return applies
 
 
-def _buyer_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+def _buyer_fix(m: NamedMatrix, ref: Mapping[str, float]) -> None:
     # The typical buyer: returning, no earlier cancellations, the usual payment and region.
     m["buyer_earlier_buyer_cancels"] = 0.0
     m["buyer_earlier_postings"] = np.fmax(m["buyer_earlier_postings"], 1.0)
@@ -146,21 +146,21 @@ def _buyer_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
             m[column] = ref[column]
 
 
-def _remorse_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+def _remorse_applies(m: NamedMatrix, ref: Mapping[str, float]) -> np.ndarray:
     return lt(m["hours_since_order"], 48.0)
 
 
-def _remorse_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+def _remorse_fix(m: NamedMatrix, ref: Mapping[str, float]) -> None:
     m["hours_since_order"] = 48.0
 
 
-def _carrier_applies(m: _Matrix, ref: Mapping[str, float]) -> np.ndarray:
+def _carrier_applies(m: NamedMatrix, ref: Mapping[str, float]) -> np.ndarray:
     if "carrier_buyer_cancel_rate" not in ref:
         return np.zeros(len(m.values), dtype=bool)
     return gt(m["carrier_buyer_cancel_rate"], ref["carrier_buyer_cancel_rate"])
 
 
-def _carrier_fix(m: _Matrix, ref: Mapping[str, float]) -> None:
+def _carrier_fix(m: NamedMatrix, ref: Mapping[str, float]) -> None:
     # The shop's usual carrier with its usual record and promise.
     for column in ("carrier", "carrier_buyer_cancel_rate", "promised_lead_time_hours"):
         if column in ref:
@@ -284,13 +284,13 @@ def risk_drop_matrix(
     order's values in matrix encoding (:func:`reference_codes`, looked up when not given)."""
     reference = reference_codes(model) if reference is None else reference
     positions = {c: i for i, c in enumerate(model.feature_columns)}
-    base = _Matrix(matrix, positions)
+    base = NamedMatrix(matrix, positions)
     blocks, owners = [], []
     for cause in CAUSE_RULES:
         rows = np.flatnonzero(cause.applies(base, reference))
         if rows.size == 0:
             continue
-        variant = _Matrix(matrix[rows].copy(), positions)
+        variant = NamedMatrix(matrix[rows].copy(), positions)
         cause.fix(variant, reference)
         blocks.append(variant.values)
         owners.append((CAUSES.index(cause.code), rows))
@@ -300,9 +300,7 @@ def risk_drop_matrix(
     fixed_raw = model.predict_matrix_raw(np.vstack(blocks))
     start = 0
     for column, rows in owners:
-        fixed = _shift_log_odds(
-            probabilities[rows], raw[rows], fixed_raw[start : start + rows.size]
-        )
+        fixed = shift_log_odds(probabilities[rows], raw[rows], fixed_raw[start : start + rows.size])
         drops[rows, column] = probabilities[rows] - fixed
         start += rows.size
     return drops
@@ -313,7 +311,7 @@ def _logit(p: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
-def _shift_log_odds(calibrated: np.ndarray, raw: np.ndarray, raw_fixed: np.ndarray) -> np.ndarray:
+def shift_log_odds(calibrated: np.ndarray, raw: np.ndarray, raw_fixed: np.ndarray) -> np.ndarray:
     """The calibrated probability moved by the booster's change in log-odds.
 
     The isotonic calibrator is flat within its bins, so passing the counterfactual raw score

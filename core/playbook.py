@@ -1,8 +1,9 @@
 """The playbook and the facts its texts quote: what the seller reads about a reason.
 
 The playbook (``playbook.yaml``, editable by the seller) maps each reason code to its title, the
-facts shown and the actions, and each decision to its text, in English, Chinese and Russian. It
-is checked when it is loaded, down to filling every fact template with a sample order's values.
+facts shown and the actions, each decision to its text, and each what-if action
+(:mod:`core.whatif`) to its title, in English, Chinese and Russian. It is checked when it is
+loaded, down to filling every template with a sample order's values.
 The values the facts quote are computed column by column from feature rows (:func:`fact_columns`)
 and a template is filled for many orders at once (:func:`format_rows`).
 """
@@ -30,6 +31,18 @@ LANGUAGES = ("en", "zh", "ru")
 NO_SINGLE_CAUSE = "no_single_cause"
 REASON_CODES = (*CAUSES, NO_SINGLE_CAUSE)
 DECISIONS = ("ship", "contact_buyer", "hold_and_confirm")
+# What the seller can do about one order, in the order the what-if answer lists them.
+WHAT_IF_ACTIONS = (
+    "refund_difference",
+    "restore_card",
+    "expedite",
+    "switch_carrier",
+    "confirm_with_buyer",
+    "hold_and_confirm",
+)
+# The values a what-if title may quote, here with the sample its templates are checked against:
+# the refund as money text, its currency's sign (or ISO code), the shop's usual carrier.
+WHAT_IF_SAMPLE = {"amount": "¥40.00", "currency_sign": "¥", "carrier": "sample"}
 
 
 # --- the playbook ------------------------------------------------------------------------------
@@ -54,17 +67,53 @@ class CauseEntry(_Strict):
     actions: list[Texts]
 
 
+class WhatIfEntry(_Strict):
+    """The title of a what-if action, and the variants that replace it where they apply."""
+
+    title: Texts
+    # Before the handover, where the action is another step (expedite: ship today).
+    before_handover: Texts | None = None
+    # When a value the title quotes is unknown: the refund's amount, the usual carrier.
+    without_amount: Texts | None = None
+    without_carrier: Texts | None = None
+
+    def texts(self, *, handed_over: bool, amount_known: bool, carrier_known: bool) -> Texts:
+        """The variant that fits an order (the title when no variant is given for its case)."""
+        if not handed_over and self.before_handover is not None:
+            return self.before_handover
+        if not amount_known and self.without_amount is not None:
+            return self.without_amount
+        if not carrier_known and self.without_carrier is not None:
+            return self.without_carrier
+        return self.title
+
+    def variants(self) -> dict[str, Texts]:
+        return {name: texts for name, texts in self if isinstance(texts, Texts)}
+
+
 class Playbook(_Strict):
     causes: dict[str, CauseEntry]
     decisions: dict[str, Texts]
     # Absent from a playbook written before it existed: the shipped playbook's entry is used.
     no_single_cause: CauseEntry | None = None
+    # The same: an action this section leaves out (or the whole section) has the shipped title.
+    what_if: dict[str, WhatIfEntry] | None = None
 
     def entry(self, code: str) -> CauseEntry:
         """The entry of a reason code: a cause, or :data:`NO_SINGLE_CAUSE`."""
         if code != NO_SINGLE_CAUSE:
             return self.causes[code]
         return self.no_single_cause or _default_playbook().entry(code)
+
+    def what_if_entry(self, action: str) -> WhatIfEntry:
+        """The titles of a what-if action (:data:`WHAT_IF_ACTIONS`): this playbook's own, else
+        the shipped playbook's."""
+        own = (self.what_if or {}).get(action)
+        if own is not None:
+            return own
+        shipped = _default_playbook().what_if
+        assert shipped is not None, "the shipped playbook titles every what-if action"
+        return shipped[action]
 
     @model_validator(mode="after")
     def _complete(self) -> Playbook:
@@ -75,6 +124,12 @@ class Playbook(_Strict):
         missing_decisions = [d for d in DECISIONS if d not in self.decisions]
         if missing_decisions:
             raise ValueError(f"playbook decisions missing: {missing_decisions}")
+        unknown_actions = [a for a in self.what_if or {} if a not in WHAT_IF_ACTIONS]
+        if unknown_actions:
+            raise ValueError(
+                f"playbook what_if: unknown actions {unknown_actions}; known: "
+                f"{', '.join(WHAT_IF_ACTIONS)}"
+            )
         for cause, fact_names in FACTS.items():
             entry = self.causes.get(cause) if cause in CAUSES else self.no_single_cause
             absent = [name for name in fact_names if entry and name not in entry.facts]
@@ -84,27 +139,32 @@ class Playbook(_Strict):
         return self
 
     def _check_templates(self) -> None:
-        """Fill every fact template with a sample order's values, so that a misspelt value name
-        or format stops the playbook's loading, not a scoring run an hour later."""
+        """Fill every template with a sample order's values, so that a misspelt value name or
+        format stops the playbook's loading, not a scoring run an hour later."""
         sample = {name: column[0] for name, column in _sample_fact_columns().items()}
         entries = {**self.causes, NO_SINGLE_CAUSE: self.no_single_cause}
         for cause, entry in entries.items():
             for fact, texts in entry.facts.items() if entry else ():
                 for lang in LANGUAGES:
-                    template = texts.get(lang)
-                    try:
-                        template.format_map(sample)
-                    except KeyError as exc:
-                        raise ValueError(
-                            f"playbook cause {cause!r} fact {fact!r} ({lang}) quotes "
-                            f"{{{exc.args[0]}}}, which is not a fact value; known: "
-                            f"{', '.join(sample)}"
-                        ) from None
-                    except (ValueError, IndexError, AttributeError, TypeError) as exc:
-                        raise ValueError(
-                            f"playbook cause {cause!r} fact {fact!r} ({lang}): the template "
-                            f"{template!r} cannot be filled ({exc})"
-                        ) from None
+                    where = f"playbook cause {cause!r} fact {fact!r} ({lang})"
+                    _check_template(texts.get(lang), sample, where, "a fact value")
+        for action, what_if in (self.what_if or {}).items():
+            for variant, texts in what_if.variants().items():
+                for lang in LANGUAGES:
+                    where = f"playbook what_if {action!r} {variant} ({lang})"
+                    _check_template(texts.get(lang), WHAT_IF_SAMPLE, where, "a what-if value")
+
+
+def _check_template(template: str, sample: Mapping[str, object], where: str, kind: str) -> None:
+    """``template`` filled with ``sample``, or a ValueError saying what in it cannot be."""
+    try:
+        template.format_map(sample)
+    except KeyError as exc:
+        raise ValueError(
+            f"{where} quotes {{{exc.args[0]}}}, which is not {kind}; known: {', '.join(sample)}"
+        ) from None
+    except (ValueError, IndexError, AttributeError, TypeError) as exc:
+        raise ValueError(f"{where}: the template {template!r} cannot be filled ({exc})") from None
 
 
 def load_playbook(path: str | Path | None = None) -> Playbook:

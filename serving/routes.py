@@ -3,8 +3,10 @@
 ``POST /v1/score`` prepares its posting in the request handler (the fast path) or in a worker
 thread (the reference path) and scores it with the requests that arrived in the same turn of the
 event loop (:class:`MicroBatcher`); ``POST /v1/score/batch`` prepares and scores its postings in
-a worker thread, each posting that cannot be scored getting its own error entry. Bodies are
-decoded with orjson (:class:`JSONRoute`).
+a worker thread, each posting that cannot be scored getting its own error entry. ``POST
+/v1/whatif`` prepares its posting as ``/v1/score`` does (:func:`prepare_request`) and answers
+its risk after each action the seller can take (:mod:`core.whatif`). Bodies are decoded with
+orjson (:class:`JSONRoute`).
 """
 
 from __future__ import annotations
@@ -38,10 +40,19 @@ from serving.schemas import (
     ScoreRequest,
     ScoreResponse,
     ValidationErrorResponse,
+    WhatIfActionOut,
+    WhatIfResponse,
 )
-from serving.scoring import ModelScorer, PreparedPosting, ScoredPosting, ScoreJob
+from serving.scoring import (
+    ModelScorer,
+    PostingWhatIf,
+    PreparedPosting,
+    ScoredPosting,
+    ScoreJob,
+    posting_currency,
+)
 from serving.security import AdminKeyDep, ScoringKeyDep
-from serving.state import ModelDep, StateDep, score_isolated
+from serving.state import ModelDep, ServiceState, StateDep, score_isolated
 from serving.validation import FieldError, Loc, RequestRejected
 
 logger = logging.getLogger(__name__)
@@ -127,6 +138,30 @@ def score_response(scored: ScoredPosting, reference: ModelRef) -> ScoreResponse:
         actions=list(explanation.actions),
         decision=explanation.decision,  # type: ignore[arg-type]
         expected_saving=explanation.expected_saving,
+        model=reference,
+    )
+
+
+def what_if_response(answer: PostingWhatIf, reference: ModelRef) -> WhatIfResponse:
+    return WhatIfResponse(
+        posting_number=answer.posting_number,
+        as_of=_to_datetime(answer.as_of),
+        probability=answer.probability,
+        risk_level=answer.risk_level,  # type: ignore[arg-type]
+        currency=answer.currency,
+        actions=[
+            WhatIfActionOut(
+                action=what_if.action,  # type: ignore[arg-type]
+                title=what_if.title,
+                basis=what_if.basis,
+                probability_after=what_if.probability_after,
+                risk_level_after=what_if.risk_level_after,  # type: ignore[arg-type]
+                risk_drop=what_if.risk_drop,
+                amount=what_if.amount,
+                currency=what_if.currency,
+            )
+            for what_if in answer.actions
+        ],
         model=reference,
     )
 
@@ -250,15 +285,38 @@ async def score(
 ) -> Response:
     """Score one open posting: probability, risk level, reasons, actions and decision."""
     scorer = loaded.scorer
+    prepared = await prepare_request(scorer, body, state)
+    scored = await state.batcher.submit((scorer, prepared))
+    state.metrics.scores.labels(scored.risk_level, scored.path).inc()
+    return _json(score_response(scored, model_ref(loaded.record)))
+
+
+async def prepare_request(
+    scorer: ModelScorer, body: ScoreRequest, state: ServiceState
+) -> PreparedPosting:
+    """A single route's posting checked and ready: ``as_of`` resolved against the service's
+    clock, then the fast path, else the reference path in a worker thread."""
     job = _job(body)
     prefix: Loc = ("body",)
     as_of = scorer.resolve_as_of(job, state.now_ns(), state.settings.max_clock_skew_seconds, prefix)
     prepared = scorer.prepare_fast(job, as_of, prefix)
     if prepared is None:
         prepared = await run_in_threadpool(scorer.prepare_reference, job, as_of, prefix)
-    scored = await state.batcher.submit((scorer, prepared))
-    state.metrics.scores.labels(scored.risk_level, scored.path).inc()
-    return _json(score_response(scored, model_ref(loaded.record)))
+    return prepared
+
+
+@router.post(
+    "/v1/whatif", response_model=WhatIfResponse, responses=_ERROR_RESPONSES, tags=["scoring"]
+)
+async def what_if(
+    _: ScoringKeyDep, body: ScoreRequest, loaded: ModelDep, state: StateDep
+) -> Response:
+    """One open posting's probability now and after each action the seller can take: refund
+    the price difference, restore the card, expedite, switch carrier, confirm, hold."""
+    scorer = loaded.scorer
+    prepared = await prepare_request(scorer, body, state)
+    (answer,) = scorer.what_if([prepared], [posting_currency(body.posting)])
+    return _json(what_if_response(answer, model_ref(loaded.record)))
 
 
 def score_batch_items(

@@ -22,10 +22,20 @@ from pydantic import (
 )
 
 # The same values as core.playbook.LANGUAGES / DECISIONS and core.model.RISK_LEVELS
-# (tests/test_serving_routes.py checks they agree).
+# (tests/test_serving_routes.py checks they agree), and core.playbook.WHAT_IF_ACTIONS and
+# core.whatif.Basis (tests/test_whatif.py).
 Lang = Literal["en", "zh", "ru"]
 RiskLevel = Literal["low", "medium", "high"]
 Decision = Literal["ship", "contact_buyer", "hold_and_confirm"]
+WhatIfAction = Literal[
+    "refund_difference",
+    "restore_card",
+    "expedite",
+    "switch_carrier",
+    "confirm_with_buyer",
+    "hold_and_confirm",
+]
+WhatIfBasis = Literal["counterfactual", "assumed_effect"]
 
 _EARLIEST_YEAR, _LATEST_YEAR = 2000, 2200
 
@@ -219,6 +229,41 @@ class ScoreResponse(_Strict):
     actions: list[str]
     decision: Decision
     expected_saving: float = Field(description="Expected saving of the decision over shipping.")
+    model: ModelRef
+
+
+class WhatIfActionOut(_Strict):
+    action: WhatIfAction = Field(
+        description="refund_difference (fixes price_drop), restore_card (listing_changed), "
+        "expedite (not_shipped before the handover; tracking_quiet and late_delivery after it), "
+        "switch_carrier (slow_carrier), confirm_with_buyer, hold_and_confirm (before the "
+        "handover only). Only the actions that fit the posting are listed."
+    )
+    title: str = Field(description="What to do, in the requested language.")
+    basis: WhatIfBasis = Field(
+        description="counterfactual: the model's score of the posting with the causes fixed; "
+        "assumed_effect: the share of cancellations the intervention is assumed to prevent "
+        "(the costs the decisions are priced with), which no feature shows the model."
+    )
+    probability_after: float = Field(ge=0, le=1, description="Probability after the action.")
+    risk_level_after: RiskLevel
+    risk_drop: float = Field(description="probability − probability_after (negative: higher).")
+    amount: float | None = Field(
+        description="The refund: the price difference today, in currency (refund only; null "
+        "when unknown)."
+    )
+    currency: str | None = Field(description="ISO code of amount.")
+
+
+class WhatIfResponse(_Strict):
+    posting_number: str
+    as_of: datetime = Field(description="The moment the posting was scored at (UTC).")
+    probability: float = Field(
+        ge=0, le=1, description="Probability now, as POST /v1/score gives it."
+    )
+    risk_level: RiskLevel
+    currency: str | None = Field(description="The posting's currency (its products' code).")
+    actions: list[WhatIfActionOut] = Field(description="The actions that fit, in a fixed order.")
     model: ModelRef
 
 

@@ -12,6 +12,8 @@ A request goes through two steps:
 2. **score** (:meth:`ModelScorer.score`): many prepared rows at once through the model's
    encoder, booster and calibrator and the batch's :class:`core.explain.Explainer`, so
    concurrent requests share one booster call (see :class:`MicroBatcher`).
+   :meth:`ModelScorer.what_if` takes the same steps to the probabilities, then asks
+   :mod:`core.whatif` for the risk after each action the seller can take.
 
 Each model is checked on probe requests when it is loaded (:meth:`ModelScorer.check_fast_path`):
 a model whose two routes disagree anywhere is refused.
@@ -39,6 +41,7 @@ from core.features import (
 )
 from core.ingest import tables_from_objects
 from core.model import RiskModel
+from core.whatif import WhatIf, build_what_ifs
 from serving.request_lane import (
     NotCanonical,
     ParsedRequest,
@@ -124,6 +127,44 @@ class ScoredPosting:
     risk_level: str
     explanation: Explanation
     path: ScoringPath
+
+
+@dataclass(frozen=True)
+class PostingWhatIf:
+    """A posting's probability now, and after each action that fits it (:mod:`core.whatif`)."""
+
+    posting_number: str
+    as_of: int
+    probability: float
+    risk_level: str
+    currency: str | None
+    actions: tuple[WhatIf, ...]
+    path: ScoringPath
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """Prepared rows through the encoder, the booster and the calibrator."""
+
+    rows: list[dict[str, Any]]
+    matrix: np.ndarray
+    raw: np.ndarray
+    probabilities: np.ndarray
+    levels: np.ndarray
+
+
+def posting_currency(posting: Any) -> str | None:
+    """The currency of a posting object as the Seller API sends it: the first product's
+    non-empty ``currency_code`` (trimmed, as the ingestion reads it); None when there is none,
+    whatever shape the object has."""
+    products = posting.get("products") if isinstance(posting, dict) else None
+    if not isinstance(products, list):
+        return None
+    for product in products:
+        code = product.get("currency_code") if isinstance(product, dict) else None
+        if isinstance(code, str) and code.strip():
+            return code.strip()
+    return None
 
 
 def _ns(value: Any) -> int | None:
@@ -268,14 +309,9 @@ class ModelScorer:
 
     # --- score --------------------------------------------------------------------------------
 
-    def score(self, prepared: Sequence[PreparedPosting]) -> list[ScoredPosting]:
-        """Probabilities, levels and explanations of prepared rows, in their order.
-
-        ``RiskModel.score_features`` and ``build_explanations`` step by step on the rows as
-        dicts: the same encoder, calibrator and explainer, without a feature frame.
-        """
-        if not prepared:
-            return []
+    def _score_rows(self, prepared: Sequence[PreparedPosting]) -> _Scores:
+        """``RiskModel.score_features`` step by step on the rows as dicts: the same encoder,
+        booster and calibrator, without a feature frame."""
         complete_rows(prepared)
         rows = [p.row for p in prepared]
         matrix = self.model.build_matrix_from_rows(rows)
@@ -283,13 +319,26 @@ class ModelScorer:
         probabilities = self.model.calibrator.transform(raw)
         if not np.all(np.isfinite(probabilities)):
             raise FloatingPointError("the model returned a probability that is not finite")
-        levels = self.model.risk_levels(probabilities)
+        return _Scores(rows, matrix, raw, probabilities, self.model.risk_levels(probabilities))
+
+    def score(self, prepared: Sequence[PreparedPosting]) -> list[ScoredPosting]:
+        """Probabilities, levels and explanations of prepared rows, in their order.
+
+        :meth:`_score_rows`, then ``build_explanations`` step by step with the batch's
+        explainer.
+        """
+        if not prepared:
+            return []
+        scores = self._score_rows(prepared)
+        rows, probabilities = scores.rows, scores.probabilities
         explanations: list[Explanation | None] = [None] * len(prepared)
         langs = [p.lang for p in prepared]
         for lang in dict.fromkeys(langs):
             group = [i for i, value in enumerate(langs) if value == lang]
             for i, explanation in zip(
-                group, self.explain(rows, group, matrix, raw, probabilities, lang), strict=True
+                group,
+                self.explain(rows, group, scores.matrix, scores.raw, probabilities, lang),
+                strict=True,
             ):
                 explanations[i] = explanation
         return [
@@ -297,8 +346,52 @@ class ModelScorer:
                 posting_number=p.posting_number,
                 as_of=p.as_of,
                 probability=float(probabilities[i]),
-                risk_level=str(levels[i]),
+                risk_level=str(scores.levels[i]),
                 explanation=explanations[i],  # type: ignore[arg-type]
+                path=p.path,
+            )
+            for i, p in enumerate(prepared)
+        ]
+
+    def what_if(
+        self, prepared: Sequence[PreparedPosting], currencies: Sequence[str | None]
+    ) -> list[PostingWhatIf]:
+        """Each prepared posting's probability (as :meth:`score` gives it) and its risk after
+        each action that fits it, titled in its language; ``currencies`` are the postings'
+        currencies (:func:`posting_currency`), the refund's unit."""
+        if len(currencies) != len(prepared):
+            raise ValueError(f"{len(currencies)} currencies for {len(prepared)} postings")
+        if not prepared:
+            return []
+        scores = self._score_rows(prepared)
+
+        def column(name: str) -> np.ndarray:
+            values = [row[name] for row in scores.rows]
+            return np.array([np.nan if v is None else v for v in values], dtype="float64")
+
+        explainer = self.explainer
+        actions = build_what_ifs(
+            self.model,
+            scores.matrix,
+            scores.raw,
+            scores.probabilities,
+            column("is_handed_over"),
+            column("order_value_rub"),
+            column("price_change_pct"),
+            currencies,
+            [p.lang for p in prepared],
+            playbook=explainer.playbook,
+            costs=explainer.costs,
+            reference=explainer.reference_codes,
+        )
+        return [
+            PostingWhatIf(
+                posting_number=p.posting_number,
+                as_of=p.as_of,
+                probability=float(scores.probabilities[i]),
+                risk_level=str(scores.levels[i]),
+                currency=currencies[i],
+                actions=tuple(actions[i]),
                 path=p.path,
             )
             for i, p in enumerate(prepared)
