@@ -312,6 +312,26 @@ def accept_push(connection: Connection, push: dict[str, Any], received_at: int) 
     return Accepted(stored, at if at is not None else received_at)
 
 
+def _text(value: Any) -> str | None:
+    return value.strip() or None if isinstance(value, str) else None
+
+
+def posting_facets(posting: Mapping[str, Any]) -> dict[str, Any]:
+    """What the dashboard filters by, read from a posting object as the ingestion reads it:
+    the order time, the carrier (``delivery_method``, else ``analytics_data``), the region and
+    the payment type group. Unknown or odd values are None."""
+    method = posting.get("delivery_method")
+    analytics = posting.get("analytics_data")
+    method = method if isinstance(method, Mapping) else {}
+    analytics = analytics if isinstance(analytics, Mapping) else {}
+    return {
+        "ordered_at": order_time(posting),
+        "carrier": _text(method.get("tpl_provider")) or _text(analytics.get("tpl_provider")),
+        "region": _text(analytics.get("region")),
+        "payment": _text(analytics.get("payment_type_group_name")),
+    }
+
+
 def accept_posting(connection: Connection, posting: dict[str, Any], received_at: int) -> str:
     """Keep the posting object the ingestion's merge would let win; ``new``, ``updated`` or
     ``kept`` (an older or less progressed object than the one held)."""
@@ -340,6 +360,7 @@ def accept_posting(connection: Connection, posting: dict[str, Any], received_at:
             event_seq=1,
             scored_seq=0,
             pending=True,
+            **posting_facets(posting),
         )
         .on_conflict_do_nothing(index_elements=["posting_number"]),
         table.c.posting_number,
@@ -357,6 +378,7 @@ def accept_posting(connection: Connection, posting: dict[str, Any], received_at:
                 received_at=received_at,
                 event_seq=table.c.event_seq + 1,
                 pending=table.c.is_open,
+                **posting_facets(posting),
             )
         )
         if updated.rowcount == 0:
@@ -411,13 +433,13 @@ def accept_scan(connection: Connection, row: dict[str, Any], received_at: int) -
 # --- the clock ------------------------------------------------------------------------------------
 
 
-def _read_meta(connection: Connection, key: str) -> str | None:
+def read_meta(connection: Connection, key: str) -> str | None:
     return connection.execute(
         select(schema.meta.c.value).where(schema.meta.c.key == key)
     ).scalar_one_or_none()
 
 
-def _write_meta(connection: Connection, key: str, value: str) -> None:
+def write_meta(connection: Connection, key: str, value: str) -> None:
     statement = _insert(connection, schema.meta).values(key=key, value=value)
     connection.execute(
         statement.on_conflict_do_update(index_elements=["key"], set_={"value": value})
@@ -426,7 +448,7 @@ def _write_meta(connection: Connection, key: str, value: str) -> None:
 
 def read_clock(connection: Connection) -> int | None:
     """The latest record time the book has accepted (UTC ns), None while it is empty."""
-    value = _read_meta(connection, CLOCK_KEY)
+    value = read_meta(connection, CLOCK_KEY)
     return None if value is None else int(value)
 
 
@@ -447,22 +469,22 @@ def advance_clock(connection: Connection, at: int) -> None:
 
 
 def read_last_sweep(connection: Connection) -> int | None:
-    value = _read_meta(connection, LAST_SWEEP_KEY)
+    value = read_meta(connection, LAST_SWEEP_KEY)
     return None if value is None else int(value)
 
 
 def write_last_sweep(connection: Connection, at: int) -> None:
-    _write_meta(connection, LAST_SWEEP_KEY, str(at))
+    write_meta(connection, LAST_SWEEP_KEY, str(at))
 
 
 def request_sweep(connection: Connection, at: int) -> None:
     """Ask the worker to re-score every open posting at its next turn."""
-    _write_meta(connection, SWEEP_REQUEST_KEY, str(at))
+    write_meta(connection, SWEEP_REQUEST_KEY, str(at))
 
 
 def take_sweep_request(connection: Connection) -> str | None:
     """The pending sweep request (consumed), or None."""
-    request = _read_meta(connection, SWEEP_REQUEST_KEY)
+    request = read_meta(connection, SWEEP_REQUEST_KEY)
     if request is not None:
         connection.execute(delete(schema.meta).where(schema.meta.c.key == SWEEP_REQUEST_KEY))
     return request
@@ -470,7 +492,7 @@ def take_sweep_request(connection: Connection) -> str | None:
 
 def write_sweep_done(connection: Connection, request: str) -> None:
     """The sweep asked for by ``request`` has been committed."""
-    _write_meta(connection, SWEEP_DONE_KEY, request)
+    write_meta(connection, SWEEP_DONE_KEY, request)
 
 
 # --- scoring --------------------------------------------------------------------------------------
@@ -515,7 +537,7 @@ class ScoreInputs:
     tracking: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _chunks(values: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
+def in_chunks(values: Sequence[str], size: int = 500) -> Iterator[Sequence[str]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
 
@@ -529,7 +551,7 @@ def score_inputs(connection: Connection, numbers: Sequence[str]) -> dict[str, Sc
     """
     inputs: dict[str, ScoreInputs] = {}
     offers_of: dict[str, list[str]] = {}
-    for chunk in _chunks(list(numbers)):
+    for chunk in in_chunks(list(numbers)):
         for row in connection.execute(
             select(schema.postings.c.posting_number, schema.postings.c.body).where(
                 schema.postings.c.posting_number.in_(chunk)
@@ -557,7 +579,7 @@ def score_inputs(connection: Connection, numbers: Sequence[str]) -> dict[str, Sc
     offers = sorted({offer for held in offers_of.values() for offer in held})
     edits: dict[str, list[dict[str, Any]]] = {}
     price_rows: dict[str, list[tuple[int | None, dict[str, Any]]]] = {}
-    for chunk in _chunks(offers):
+    for chunk in in_chunks(offers):
         for row in connection.execute(
             select(schema.pushes.c.offer_id, schema.pushes.c.body)
             .where(schema.pushes.c.offer_id.in_(chunk))
@@ -667,7 +689,7 @@ def record_scores(
     table = schema.postings
     previous: dict[str, tuple[str, float]] = {}
     numbers = [record.posting_number for record in scored]
-    for chunk in _chunks(numbers):
+    for chunk in in_chunks(numbers):
         for row in connection.execute(
             select(table.c.posting_number, table.c.risk_level, table.c.probability).where(
                 table.c.posting_number.in_(chunk), table.c.risk_level.is_not(None)
@@ -676,6 +698,8 @@ def record_scores(
             previous[row.posting_number] = (row.risk_level, row.probability)
     alert_rows = []
     for record in scored:
+        explained = record.explanations.get("en") or {}
+        reasons = explained.get("reasons") or []
         score_id = connection.execute(
             schema.scores.insert()
             .values(
@@ -702,6 +726,9 @@ def record_scores(
                 note=None,
                 scored_seq=record.event_seq,
                 pending=table.c.event_seq > record.event_seq,
+                decision=explained.get("decision"),
+                first_reason=reasons[0]["code"] if reasons else None,
+                expected_saving=explained.get("expected_saving"),
             )
         )
         for key in rule.keys(
@@ -838,7 +865,7 @@ def list_postings(
     rows = list(connection.execute(query))
     explanations: dict[int, Any] = {}
     ids = [row.score_id for row in rows if row.score_id is not None]
-    for chunk in _chunks(ids):  # type: ignore[arg-type]
+    for chunk in in_chunks(ids):  # type: ignore[arg-type]
         for score in connection.execute(
             select(schema.scores.c.id, schema.scores.c.explanations).where(
                 schema.scores.c.id.in_(chunk)
@@ -900,8 +927,8 @@ def book_status(connection: Connection) -> dict[str, Any]:
         ),
         "clock": None if clock is None else iso_time(clock),
         "last_sweep": None if sweep is None else iso_time(sweep),
-        "sweep_requested": _read_meta(connection, SWEEP_REQUEST_KEY),
-        "sweep_done": _read_meta(connection, SWEEP_DONE_KEY),
+        "sweep_requested": read_meta(connection, SWEEP_REQUEST_KEY),
+        "sweep_done": read_meta(connection, SWEEP_DONE_KEY),
     }
 
 

@@ -15,9 +15,10 @@ an unusable one is listed in ``rejected`` with its index and the ingestion's rea
 usable one next to it is stored. A record the book already holds counts as ``duplicates``.
 
 Out (scoring key): ``GET /v1/postings/{posting_number}`` (state, latest score with reasons and
-actions, risk history), ``GET /v1/postings`` (open postings, ``?risk=high``, keyset pages),
-``GET /v1/live/status``; ``POST /v1/live/sweep`` (admin) asks the worker to re-score every open
-posting now.
+actions, risk history), ``GET /v1/postings/{posting_number}/whatif`` (the risk after each action
+at the moment of that score: ``POST /v1/whatif``'s answer on the book's records),
+``GET /v1/postings`` (open postings, ``?risk=high``, keyset pages), ``GET /v1/live/status``;
+``POST /v1/live/sweep`` (admin) asks the worker to re-score every open posting now.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
@@ -44,9 +45,13 @@ from live.book import (
     posting_view,
     request_sweep,
 )
+from live.dashboard import book_what_if
 from live.writer import BookWriter
 from serving.request_lane import NotCanonical, parse_posting, price_row_values, scan_row_values
+from serving.routes import model_ref, what_if_response
+from serving.schemas import WhatIfResponse
 from serving.security import AdminKeyDep, ScoringKeyDep
+from serving.state import ModelDep
 
 Lang = Literal["en", "zh", "ru"]
 _MAX_RECORDS = 5000
@@ -186,6 +191,22 @@ def build_live_router(
         if view is None:
             raise HTTPException(status_code=404, detail=f"{posting_number} is not in the book")
         return JSONResponse(view)
+
+    @router.get(
+        "/v1/postings/{posting_number}/whatif",
+        response_model=WhatIfResponse,
+        summary="A posting's risk after each action, at the moment of its latest score.",
+    )
+    async def get_posting_what_if(
+        posting_number: str, _: ScoringKeyDep, loaded: ModelDep, lang: Lang = "en"
+    ) -> Response:
+        found = await run_in_threadpool(
+            read, book_what_if, loaded.scorer, posting_number, now_ns(), lang
+        )
+        if found is None:
+            raise HTTPException(status_code=404, detail=f"{posting_number} is not in the book")
+        answer = what_if_response(found, model_ref(loaded.record))
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     @router.get("/v1/postings", summary="The book's postings, riskiest level first if asked.")
     async def get_postings(

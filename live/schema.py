@@ -8,7 +8,8 @@ migrated database and this metadata agree.
 
 - ``book_postings``: one row per posting: the posting object the ingestion's merge would let
   win (the most progressed status, then the latest received), whether it is open, its re-score
-  queue state (``event_seq``/``scored_seq``/``pending``) and its latest score.
+  queue state (``event_seq``/``scored_seq``/``pending``), its latest score, and the columns the
+  dashboard filters and sorts by.
 - ``book_posting_offers``: which offers a posting holds (a price or card change re-scores them).
 - ``book_pushes``, ``book_prices``, ``book_scans``: every record accepted, once: ``digest`` is
   the SHA-256 of the record's canonical JSON, so a retried or replayed record is stored once.
@@ -17,7 +18,7 @@ migrated database and this metadata agree.
 - ``book_alerts``: the outbox. One row per posting, alert key and channel (unique: an alert is
   raised once), sent at least once with retries and backoff.
 - ``book_channels``: each alert channel's last success and failure, for ``/readyz``/metrics.
-- ``book_meta``: small facts of the book (its clock, the last sweep).
+- ``book_meta``: small facts of the book (its clock, the last sweep, the latest cause analysis).
 """
 
 from __future__ import annotations
@@ -54,8 +55,18 @@ postings = Table(
     Column("scored_as_of", BigInteger),
     Column("probability", Float),
     Column("risk_level", String(16)),
+    # What the dashboard filters and sorts by: from the posting object (order time, carrier,
+    # region, payment) and from the latest score (decision, first reason, expected saving).
+    Column("ordered_at", BigInteger),
+    Column("carrier", String(256)),
+    Column("region", String(256)),
+    Column("payment", String(256)),
+    Column("decision", String(32)),
+    Column("first_reason", String(32)),
+    Column("expected_saving", Float),
     Index("ix_book_postings_pending", "pending"),
     Index("ix_book_postings_open_risk", "is_open", "risk_level"),
+    Index("ix_book_postings_open_probability", "is_open", "probability"),
 )
 
 posting_offers = Table(

@@ -71,6 +71,24 @@ class LiveSettings(ServiceSettings):
         "record time (replays of an archive).",
     )
     public_url: str | None = Field(None, description="The service's address as sellers reach it.")
+    causes_seconds: float = Field(
+        3600.0,
+        gt=0,
+        description="Recompute the dashboard's cause analysis after a sweep when the last one "
+        "is older than this (in the book's clock).",
+    )
+    ui: bool = Field(True, description="Serve the seller dashboard at /ui.")
+    ui_session_hours: float = Field(
+        12.0, gt=0, le=24 * 30, description="How long a dashboard login lasts."
+    )
+    ui_session_secret: SecretStr | None = Field(
+        None,
+        description="Signs the dashboard's session cookies; None: a random one per start "
+        "(sessions end when the service restarts).",
+    )
+    ui_refresh_seconds: float = Field(
+        15.0, gt=0, description="How often an open dashboard page refreshes its table."
+    )
 
     @field_validator("push_allowed_nets", mode="before")
     @classmethod

@@ -54,6 +54,7 @@ from live.book import (
     write_last_sweep,
     write_sweep_done,
 )
+from live.dashboard import build_book_cause_analysis, read_cause_analysis, write_cause_analysis
 from live.settings import LiveSettings
 from serving.app import wall_clock_ns
 from serving.model_store import LoadedModel, ModelStore
@@ -145,12 +146,37 @@ class Rescorer:
             if self.interrupted():
                 return  # not noted: the next start sweeps again
             self.score(loaded, postings[start : start + size], as_of, "sweep", report)
+        self.analyse_causes(loaded, as_of)
         with self.writes.begin() as connection:
             write_last_sweep(connection, as_of)
             if request is not None:
                 write_sweep_done(connection, request)
         report.swept = True
         logger.info("sweep at %s: %d open postings scored", as_of, len(postings))
+
+    def analyse_causes(self, loaded: LoadedModel, as_of: int) -> None:
+        """The dashboard's cause analysis at ``as_of``, when the kept one is older than
+        ``causes_seconds`` or was made by another model version. It never fails a sweep."""
+        with self.engine.connect() as connection:
+            held = read_cause_analysis(connection)
+        if (
+            held is not None
+            and held.get("model_version") == loaded.record.version
+            and as_of - int(held["as_of"]) < self.settings.causes_seconds * _NS
+        ):
+            return
+        started = time.monotonic()
+        try:
+            with self.engine.connect() as connection:
+                analysis = build_book_cause_analysis(
+                    connection, loaded.model, as_of, loaded.record.version
+                )
+            with self.writes.begin() as connection:
+                write_cause_analysis(connection, analysis)
+        except Exception as exc:
+            logger.error("cause analysis failed: %s: %s", type(exc).__name__, exc)
+            return
+        logger.info("cause analysis at %s in %.1f s", as_of, time.monotonic() - started)
 
     def score(
         self,

@@ -27,7 +27,9 @@ from typing import Any
 import orjson
 import pandas as pd
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 from sqlalchemy import Connection, event, inspect, select, text
 from sqlalchemy.exc import OperationalError
@@ -42,6 +44,8 @@ from core.ingest.assemble import build_merged_postings
 from core.ingest.batches import RECORD_SEQ
 from live import schema
 from live.book import (
+    MIGRATIONS_DIR,
+    WRITES,
     AlertRule,
     OrderBook,
     ScoreRecord,
@@ -53,6 +57,7 @@ from live.book import (
     advance_clock,
     book_status,
     channel_health,
+    create_book_engine,
     digest_of,
     due_alerts,
     list_postings,
@@ -67,6 +72,7 @@ from live.book import (
     write_last_sweep,
 )
 
+NEWEST_REVISION = "0002"
 VERSION_TABLE = "book_alembic_version"  # live/migrations/env.py's (it runs when imported)
 T0 = 1_772_000_000 * 10**9  # 2026-02-25, UTC ns
 SECOND = 10**9
@@ -218,9 +224,47 @@ def test_migrated_schema_is_the_metadata(book: OrderBook) -> None:
             },
         )
         assert compare_metadata(context, schema.metadata) == []
-        assert context.get_current_heads() == ("0001",)
+        assert context.get_current_heads() == (NEWEST_REVISION,)
         tables = set(inspect(connection).get_table_names())
     assert tables == {*schema.metadata.tables, VERSION_TABLE}
+
+
+def test_a_book_of_the_first_schema_is_upgraded_with_its_postings_facets(book_url: str) -> None:
+    """A book created before the dashboard's columns gets them, filled from the postings held."""
+    engine = create_book_engine(book_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    body = posting(
+        "1-1",
+        delivery_method={"tpl_provider": "Ozon Логистика"},
+        analytics_data={"region": "Москва", "payment_type_group_name": "Карты оплаты"},
+    )
+    try:
+        with engine.execution_options(**{WRITES: True}).begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "0001")
+            connection.execute(
+                text(
+                    "INSERT INTO book_postings (posting_number, body, progress, received_at, "
+                    "is_open, event_seq, scored_seq, pending) "
+                    "VALUES ('1-1', :body, 1, 0, TRUE, 1, 0, TRUE)"
+                ),
+                {"body": orjson.dumps(body).decode()},
+            )
+    finally:
+        engine.dispose()
+    upgraded = OrderBook(book_url)
+    try:
+        row = posting_rows(upgraded)["1-1"]
+    finally:
+        upgraded.close()
+    assert (row.ordered_at, row.carrier, row.region, row.payment) == (
+        T0,
+        "Ozon Логистика",
+        "Москва",
+        "Карты оплаты",
+    )
+    assert row.decision is None
 
 
 def test_migrating_again_changes_nothing(book: OrderBook, book_url: str) -> None:
@@ -286,7 +330,7 @@ def test_processes_opening_a_new_book_at_once_all_succeed(book_url: str) -> None
     book = OrderBook(book_url)
     try:
         versions = run(book, lambda c: list(c.execute(text(f"SELECT * FROM {VERSION_TABLE}"))))
-        assert [tuple(v) for v in versions] == [("0001",)]
+        assert [tuple(v) for v in versions] == [(NEWEST_REVISION,)]
     finally:
         book.close()
 
