@@ -312,20 +312,28 @@ def accept_push(connection: Connection, push: dict[str, Any], received_at: int) 
     return Accepted(stored, at if at is not None else received_at)
 
 
+FACET_LENGTH = 256  # the dashboard's text columns
+
+
 def _text(value: Any) -> str | None:
-    return value.strip() or None if isinstance(value, str) else None
+    """A text facet as the columns hold it: trimmed, without NUL (PostgreSQL refuses it), cut
+    to the column's length; None for anything else."""
+    if not isinstance(value, str):
+        return None
+    return value.replace("\x00", "").strip()[:FACET_LENGTH].strip() or None
 
 
 def posting_facets(posting: Mapping[str, Any]) -> dict[str, Any]:
     """What the dashboard filters by, read from a posting object as the ingestion reads it:
-    the order time, the carrier (``delivery_method``, else ``analytics_data``), the region and
-    the payment type group. Unknown or odd values are None."""
+    the order time (in any form the ingestion reads), the carrier (``delivery_method``, else
+    ``analytics_data``), the region and the payment type group. Odd values are None."""
     method = posting.get("delivery_method")
     analytics = posting.get("analytics_data")
     method = method if isinstance(method, Mapping) else {}
     analytics = analytics if isinstance(analytics, Mapping) else {}
+    given = posting.get("in_process_at")
     return {
-        "ordered_at": order_time(posting),
+        "ordered_at": read_moment(given if given else posting.get("created_at")),
         "carrier": _text(method.get("tpl_provider")) or _text(analytics.get("tpl_provider")),
         "region": _text(analytics.get("region")),
         "payment": _text(analytics.get("payment_type_group_name")),

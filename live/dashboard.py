@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import pandas as pd
-from sqlalchemy import Connection, and_, case, func, select
+from sqlalchemy import Connection, and_, func, select
 
 from live import schema
 from live.book import (
@@ -38,6 +38,7 @@ SORTS = ("risk", "saving", "age", "posting")
 LEVELS = ("high", "medium", "low")
 PAGE_SIZE = 50
 _DAY_NS = 86_400 * 1_000_000_000
+MAX_AGE_DAYS = 36_525.0
 CAUSES_META_KEY = "cause_analysis"
 
 
@@ -90,7 +91,9 @@ def _filters(query: OrderQuery, now: int, *, with_risk: bool) -> list[Any]:
         if value is not None:
             where.append(column == value)
     if query.min_age_days is not None:
-        where.append(table.c.ordered_at <= now - int(query.min_age_days * _DAY_NS))
+        # Ages beyond a century select nothing more, and keep the cut-off within 64 bits.
+        days = min(query.min_age_days, MAX_AGE_DAYS)
+        where.append(table.c.ordered_at <= now - int(days * _DAY_NS))
     return where
 
 
@@ -104,17 +107,38 @@ def _order_by(query: OrderQuery) -> list[Any]:
         "posting": table.c.posting_number,
     }[query.sort]
     descending = query.descending != (query.sort == "age")
-    last = case((column.is_(None), 1), else_=0)  # unknown values last, whatever the direction
-    return [last, column.desc() if descending else column.asc(), table.c.posting_number]
+    ordered = column.desc() if descending else column.asc()
+    # Unknown values last, whatever the direction; the column's index serves the sort.
+    return [ordered.nulls_last(), table.c.posting_number]
 
 
-def orders_page(connection: Connection, query: OrderQuery, now: int, lang: str) -> OrdersPage:
-    """One page of the open orders, their counts per level and the filters' choices."""
+# What a row of the page shows (not the posting object: it is not shown, and it is large).
+_PAGE_COLUMNS = (
+    "posting_number",
+    "probability",
+    "risk_level",
+    "carrier",
+    "region",
+    "payment",
+    "decision",
+    "expected_saving",
+    "ordered_at",
+    "pending",
+    "note",
+    "score_id",
+)
+
+
+def orders_page(
+    connection: Connection, query: OrderQuery, now: int, lang: str, *, with_options: bool = True
+) -> OrdersPage:
+    """One page of the open orders, their counts per level and (``with_options``) the filters'
+    choices, which a refresh of the table does not need."""
     table = schema.postings
     where = _filters(query, now, with_risk=True)
     rows = list(
         connection.execute(
-            select(table)
+            select(*(table.c[name] for name in _PAGE_COLUMNS))
             .where(and_(*where))
             .order_by(*_order_by(query))
             .limit(query.page_size)
@@ -131,19 +155,16 @@ def orders_page(connection: Connection, query: OrderQuery, now: int, lang: str) 
         .group_by(table.c.risk_level)
     ):
         counts[row.risk_level or "unscored"] = int(row.n)
-    options = {
-        name: [
-            value
-            for (value,) in connection.execute(
-                select(column).where(table.c.is_open, column.is_not(None)).distinct()
-            )
-        ]
-        for name, column in (
-            ("carrier", table.c.carrier),
-            ("region", table.c.region),
-            ("decision", table.c.decision),
-        )
-    }
+    options: dict[str, list[str]] = {"carrier": [], "region": [], "decision": []}
+    if with_options:
+        for name in options:
+            column = table.c[name]
+            options[name] = [
+                value
+                for (value,) in connection.execute(
+                    select(column).where(table.c.is_open, column.is_not(None)).distinct()
+                )
+            ]
     return OrdersPage(
         [
             _order_row(row, explanation, now)

@@ -67,6 +67,11 @@ postings = Table(
     Index("ix_book_postings_pending", "pending"),
     Index("ix_book_postings_open_risk", "is_open", "risk_level"),
     Index("ix_book_postings_open_probability", "is_open", "probability"),
+    Index("ix_book_postings_open_ordered", "is_open", "ordered_at"),
+    Index("ix_book_postings_open_saving", "is_open", "expected_saving"),
+    Index("ix_book_postings_open_carrier", "is_open", "carrier"),
+    Index("ix_book_postings_open_region", "is_open", "region"),
+    Index("ix_book_postings_open_decision", "is_open", "decision"),
 )
 
 posting_offers = Table(

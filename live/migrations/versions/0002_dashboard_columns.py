@@ -16,6 +16,15 @@ branch_labels = None
 depends_on = None
 
 _FACETS = ("ordered_at", "carrier", "region", "payment")
+# The open orders' sorts and filters: each served by an index of its own.
+_INDEXES = {
+    "probability": "probability",
+    "ordered": "ordered_at",
+    "saving": "expected_saving",
+    "carrier": "carrier",
+    "region": "region",
+    "decision": "decision",
+}
 
 
 def upgrade() -> None:
@@ -29,9 +38,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("decision", sa.String(32)))
         batch.add_column(sa.Column("first_reason", sa.String(32)))
         batch.add_column(sa.Column("expected_saving", sa.Float))
-    op.create_index(
-        "ix_book_postings_open_probability", "book_postings", ["is_open", "probability"]
-    )
+    for name, column in _INDEXES.items():
+        op.create_index(f"ix_book_postings_open_{name}", "book_postings", ["is_open", column])
     postings = sa.table(
         "book_postings",
         sa.column("posting_number"),
@@ -49,7 +57,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.drop_index("ix_book_postings_open_probability", "book_postings")
+    for name in _INDEXES:
+        op.drop_index(f"ix_book_postings_open_{name}", "book_postings")
     with op.batch_alter_table("book_postings") as batch:
         for name in (*_FACETS, "decision", "first_reason", "expected_saving"):
             batch.drop_column(name)
