@@ -44,13 +44,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
 
-# The report test opens the page in a real headless browser: Debian's chromium.
+# The report's and the dashboard's tests open the pages in a real headless browser: Debian's
+# chromium, with a font for the Chinese pages (WenQuanYi Micro Hei).
 browser:
-	@command -v chromium >/dev/null 2>&1 || { \
+	@{ command -v chromium >/dev/null 2>&1 && [ -e /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ]; } || { \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-wqy-microhei >/dev/null; \
 	  else \
-	    echo "chromium is missing: run 'sudo apt-get install chromium'"; exit 1; \
+	    echo "chromium or its Chinese font is missing: run 'sudo apt-get install chromium fonts-wqy-microhei'"; exit 1; \
 	  fi; }
 
 # The order book's tests start a real PostgreSQL server of their own: Debian's postgresql.

@@ -101,6 +101,8 @@ def live_service(db: Path, channels: list[dict[str, str]], log: Path) -> Iterato
         "CANCEL_RISK_API_KEYS": KEY,
         "CANCEL_RISK_ADMIN_KEY": ADMIN,
         "CANCEL_RISK_CLOCK": "events",
+        # The replay runs two days in seconds: the dashboard's causes every 12 replayed hours.
+        "CANCEL_RISK_CAUSES_SECONDS": str(12 * 3600),
         "CANCEL_RISK_ALERT_CHANNELS": json.dumps(channels),
         "CANCEL_RISK_PUBLIC_URL": f"http://127.0.0.1:{port}",
     }
@@ -239,6 +241,7 @@ def run(args: argparse.Namespace) -> None:
         f"  risky orders:  curl -s -H 'X-API-Key: {KEY}' 'http://127.0.0.1:8000/v1/postings?risk=high'"
     )
     print(f"  its archive:   {CLI.name} archive --db sqlite:///{db} --out {db.parent / 'archive'}")
+    print(f"Seller dashboard: http://127.0.0.1:8000/ui (once started as above; log in with {KEY})")
 
 
 def main(argv: list[str] | None = None) -> None:

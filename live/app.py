@@ -2,7 +2,8 @@
 
 :func:`create_live_app` takes the application of :func:`serving.app.create_app` and adds
 
-- Ozon's push endpoint (:mod:`live.push`) and the book's routes (:mod:`live.routes`),
+- Ozon's push endpoint (:mod:`live.push`), the book's routes (:mod:`live.routes`) and the
+  seller dashboard at ``/ui`` (:mod:`live.ui`),
 - in its lifespan: the book (opened and migrated), its writer thread
   (:class:`live.writer.BookWriter`) and the worker process (:mod:`live.worker`),
 - a readiness check (the book answers; failing alert channels are reported as warnings, not
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine, text
 from starlette.concurrency import run_in_threadpool
@@ -147,6 +149,11 @@ def create_live_app(
     app.include_router(
         build_live_router(live.require_writer, live.require_engine, book_now, live.channel_names)
     )
+    if settings.ui:
+        from live.ui import STATIC_DIR, build_ui_router
+
+        app.mount("/ui/static", StaticFiles(directory=STATIC_DIR), name="ui-static")
+        app.include_router(build_ui_router(settings, live.require_engine, book_now))
 
     async def book_ready() -> tuple[bool, str | None]:
         def probe() -> list[str]:

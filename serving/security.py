@@ -58,6 +58,24 @@ class KeyRing:
                 found = scope
         return found
 
+    def session_id(self, presented: str | None) -> str | None:
+        """The dashboard's id of a valid key (a digest of its digest: the key cannot be read
+        back from it), or None for a key that is not valid."""
+        if self.scope_of(presented) is None:
+            return None
+        return _session_id(_digest(presented or ""))
+
+    def knows_session_id(self, session_id: str) -> bool:
+        """Whether a configured key has this dashboard id."""
+        known = False
+        for digest, _ in self._keys:
+            known |= hmac.compare_digest(_session_id(digest), session_id)
+        return known
+
+
+def _session_id(digest: bytes) -> str:
+    return hashlib.sha256(b"cancel-risk-ui-session:" + digest).hexdigest()[:32]
+
 
 def _unauthorized(message: str) -> HTTPException:
     return HTTPException(

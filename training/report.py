@@ -194,15 +194,25 @@ def build_cause_analysis(
 # --- rendering ---------------------------------------------------------------------------------
 
 
-def _bar_chart(labels: list[str], values: list[float], counts: list[int], title: str) -> str:
-    """A horizontal bar chart as inline SVG: the browser draws the text, in any script."""
-    row, label_width, bar_width, pad = 26, 300, 420, 8
+def _text_width(text: str) -> float:
+    """About how wide ``text`` is at the charts' 13 px: wide (CJK) characters count double."""
+    return sum(13.0 if ord(c) >= 0x2E80 else 7.2 for c in text)
+
+
+def bar_chart_svg(labels: list[str], values: list[float], counts: list[int], title: str) -> str:
+    """A horizontal bar chart as inline SVG: the browser draws the text, in any script. It
+    scales down to narrow screens (``viewBox``); the report and the dashboard draw it."""
+    row, bar_width, pad = 26, 420, 8
+    label_width = min(max((_text_width(label) for label in labels), default=0) + 2 * pad, 460)
+    label_width = max(label_width, 160)
     top = 30
     height = top + row * len(labels) + pad
+    full_width = label_width + bar_width + 160
     scale = bar_width / max(max(values, default=0.0), 1e-9)
     parts = [
-        f'<svg class="chart" role="img" width="{label_width + bar_width + 160}" height="{height}" '
-        f'xmlns="http://www.w3.org/2000/svg"><title>{html.escape(title)}</title>',
+        f'<svg class="chart" role="img" width="{full_width}" height="{height}" '
+        f'viewBox="0 0 {full_width} {height}" xmlns="http://www.w3.org/2000/svg">'
+        f"<title>{html.escape(title)}</title>",
         f'<text x="0" y="18" class="chart-title">{html.escape(title)}</text>',
     ]
     for i, (label, value, n) in enumerate(zip(labels, values, counts, strict=True)):
@@ -260,7 +270,7 @@ def render_report_html(analysis: CauseAnalysis) -> str:
     by_cause = analysis.risk_by_cause
     parts.append("<h2>Today's risk by cause</h2>")
     parts.append(
-        _bar_chart(
+        bar_chart_svg(
             by_cause["title"].tolist(),
             by_cause["risk_share"].tolist(),
             by_cause["orders"].tolist(),
@@ -270,7 +280,7 @@ def render_report_html(analysis: CauseAnalysis) -> str:
     parts.append("<h2>Buyer-cancellation rates</h2>")
     for name, table in analysis.rates.items():
         parts.append(
-            _bar_chart(
+            bar_chart_svg(
                 table["bucket"].astype(str).tolist(),
                 table["buyer_cancel_rate"].tolist(),
                 table["postings"].tolist(),
