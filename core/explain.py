@@ -300,6 +300,7 @@ class Explainer:
             drops[unexplained, 0] = 0.0
         explained = np.flatnonzero(causes[:, 0] >= 0)
         values = values_of(explained)
+        shown = self.playbook.named_values(values, lang)
         fact_row = np.full(len(causes), -1, dtype=np.int64)
         fact_row[explained] = np.arange(len(explained))
 
@@ -312,7 +313,7 @@ class Explainer:
             if not len(rows):
                 continue
             codes[rows, slots] = code
-            facts[rows, slots] = self._facts(code, values, fact_row[rows], lang)
+            facts[rows, slots] = self._facts(code, values, shown, fact_row[rows], lang)
             dropped = drops[rows, slots].tolist()
             risk_drops[rows, slots] = [round(drop, 6) for drop in dropped]
             shares[rows, slots] = [
@@ -332,17 +333,21 @@ class Explainer:
             fact_row=fact_row,
         )
 
-    def _facts(self, code: str, values: FactColumns, rows: np.ndarray, lang: str) -> list[str]:
-        """The facts of reason ``code`` at each of ``rows`` (rows of ``values``), joined."""
+    def _facts(
+        self, code: str, values: FactColumns, shown: FactColumns, rows: np.ndarray, lang: str
+    ) -> list[str]:
+        """The facts of reason ``code`` at each of ``rows`` (rows of ``values``), joined:
+        which facts hold is read from ``values``, their words from ``shown`` (the same values
+        with Ozon's names in the page's language, :meth:`Playbook.named_values`)."""
         entry = self.playbook.entry(code)
         held = held_facts(code, values, rows, self.reference)
         if len(held) == 1:
             (name,) = held
-            return format_rows(entry.facts[name].get(lang), values, rows.tolist())
+            return format_rows(entry.facts[name].get(lang), shown, rows.tolist())
         parts: list[list[str]] = [[] for _ in range(len(rows))]
         for name, holds in held.items():
             chosen = np.flatnonzero(holds)
-            texts = format_rows(entry.facts[name].get(lang), values, rows[chosen].tolist())
+            texts = format_rows(entry.facts[name].get(lang), shown, rows[chosen].tolist())
             for k, text in zip(chosen.tolist(), texts, strict=True):
                 parts[k].append(text)
         return ["; ".join(texts) for texts in parts]

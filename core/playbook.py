@@ -61,6 +61,18 @@ class Texts(_Strict):
         return getattr(self, lang)
 
 
+class ValueNames(_Strict):
+    """A name Ozon gives in Russian (a payment type, a region, a carrier) in other languages."""
+
+    en: str | None = None
+    zh: str | None = None
+    ru: str | None = None
+
+
+# The fact values that are Ozon's own names, and their column in the fact values.
+NAMED_VALUES = ("payment", "region", "carrier")
+
+
 class CauseEntry(_Strict):
     title: Texts
     facts: dict[str, Texts]
@@ -98,12 +110,38 @@ class Playbook(_Strict):
     no_single_cause: CauseEntry | None = None
     # The same: an action this section leaves out (or the whole section) has the shipped title.
     what_if: dict[str, WhatIfEntry] | None = None
+    # Ozon's names of payment types, regions and carriers in the seller's language; a name
+    # this section leaves out is looked up in the shipped playbook's.
+    value_names: dict[str, dict[str, ValueNames]] | None = None
 
     def entry(self, code: str) -> CauseEntry:
         """The entry of a reason code: a cause, or :data:`NO_SINGLE_CAUSE`."""
         if code != NO_SINGLE_CAUSE:
             return self.causes[code]
         return self.no_single_cause or _default_playbook().entry(code)
+
+    def value_name(self, kind: str, value: str, lang: str) -> str:
+        """``value`` (a payment type, region or carrier as Ozon names it) as the seller reads
+        it in ``lang``: the translation with the original beside it, or the original alone
+        when no translation is known (or it is the same)."""
+        for table in (self.value_names, _default_playbook().value_names):
+            names = (table or {}).get(kind, {}).get(value)
+            name = None if names is None else getattr(names, lang)
+            if name:
+                return value if name == value else f"{name} ({value})"
+        return value
+
+    def named_values(self, values: FactColumns, lang: str) -> FactColumns:
+        """The fact values with :data:`NAMED_VALUES` in ``lang`` (:meth:`value_name`)."""
+        shown = dict(values)
+        for kind in NAMED_VALUES:
+            if kind in values:
+                cache: dict[object, object] = {}
+                shown[kind] = [
+                    cache.setdefault(v, self.value_name(kind, v, lang) if isinstance(v, str) else v)
+                    for v in values[kind]
+                ]
+        return shown
 
     def what_if_entry(self, action: str) -> WhatIfEntry:
         """The titles of a what-if action (:data:`WHAT_IF_ACTIONS`): this playbook's own, else
@@ -124,6 +162,12 @@ class Playbook(_Strict):
         missing_decisions = [d for d in DECISIONS if d not in self.decisions]
         if missing_decisions:
             raise ValueError(f"playbook decisions missing: {missing_decisions}")
+        unknown_kinds = [k for k in self.value_names or {} if k not in NAMED_VALUES]
+        if unknown_kinds:
+            raise ValueError(
+                f"playbook value_names: unknown kinds {unknown_kinds}; known: "
+                f"{', '.join(NAMED_VALUES)}"
+            )
         unknown_actions = [a for a in self.what_if or {} if a not in WHAT_IF_ACTIONS]
         if unknown_actions:
             raise ValueError(

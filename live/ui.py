@@ -257,6 +257,7 @@ def build_ui_router(
             format_time=format_time,
             cause_title=lambda code: playbook.entry(code).title.get(lang),
             decision_title=lambda code: playbook.decisions[code].get(lang) if code else "—",
+            value_name=lambda kind, value: playbook.value_name(kind, value, lang) if value else "—",
             **context,
         )
 

@@ -339,3 +339,42 @@ def test_the_usual_carriers_reference_rate_is_its_rate_at_the_latest_training_mo
     assert build_reference_values(rows.drop(columns="as_of"), ("carrier", "region"))[
         "carrier_buyer_cancel_rate"
     ] == pytest.approx(0.4)
+
+
+def test_ozons_russian_names_are_shown_in_the_sellers_language_beside_the_original(shop):
+    tables, model, as_of = shop
+    features = build_features(tables, as_of, aggregates=model.aggregates)
+    cod = features[(features["payment_type"] == "Оплата при получении").to_numpy()].head(300)
+    assert len(cod) > 20
+    probabilities = model.score_features(cod)
+    texts = {}
+    for lang in LANGUAGES:
+        explained = build_explanations(model, cod, probabilities, lang=lang)
+        texts[lang] = [r.facts for e in explained for r in e.reasons if r.code == "buyer_profile"]
+    assert texts["en"], "no buyer-profile reason among cash-on-delivery orders"
+    assert all("«Cash on delivery (Оплата при получении)»" in t for t in texts["en"])
+    assert all("「货到付款 (Оплата при получении)」" in t for t in texts["zh"])
+    assert all("«Оплата при получении»" in t for t in texts["ru"])
+
+
+def test_a_name_without_a_translation_is_shown_as_ozon_gives_it(tmp_path):
+    playbook = load_playbook()
+    assert playbook.value_name("region", "Москва", "zh") == "莫斯科 (Москва)"
+    assert playbook.value_name("region", "Тверская область", "en") == "Тверская область"
+    assert playbook.value_name("carrier", "Cainiao 菜鸟国际", "zh") == "Cainiao 菜鸟国际"
+    shown = playbook.named_values({"payment": ["СБП", None], "edits": [1.0, 2.0]}, "en")
+    assert shown == {"payment": ["Faster Payments System (СБП)", None], "edits": [1.0, 2.0]}
+    text = (load_playbook.__globals__["resources"].files("core") / "playbook.yaml").read_text(
+        encoding="utf-8"
+    )
+    own = text[: text.index("\nvalue_names:")] + (
+        '\nvalue_names:\n  region:\n    "Москва": {en: Moskva}\n'
+    )
+    path = tmp_path / "playbook.yaml"
+    path.write_text(own, encoding="utf-8")
+    edited = load_playbook(path)
+    assert edited.value_name("region", "Москва", "en") == "Moskva (Москва)"
+    assert edited.value_name("region", "Москва", "zh") == "莫斯科 (Москва)"  # the shipped one
+    path.write_text(own.replace("  region:", "  city:"), encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown kinds"):
+        load_playbook(path)
