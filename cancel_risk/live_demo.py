@@ -30,6 +30,8 @@ from typing import Any
 
 import httpx
 
+from core.playbook import percent_text
+
 CLI = Path(sys.executable).with_name("cancel-risk")
 KEY = "demo-key"
 ADMIN = "demo-admin-key"
@@ -158,10 +160,8 @@ def _alert_line(alert: dict[str, Any]) -> str:
     reason = alert["reasons"][0] if alert["reasons"] else None
     why = f"{reason['title']}: {reason['facts']}" if reason else "-"
     action = alert["actions"][0] if alert["actions"] else "-"
-    return (
-        f"  {alert['posting_number']}  {alert['probability']:.0%} {alert['level']:<6}  "
-        f"{why}  -> {action}"
-    )
+    shown = percent_text(alert["probability"], space="")
+    return f"  {alert['posting_number']}  {shown} {alert['level']:<6}  {why}  -> {action}"
 
 
 def run(args: argparse.Namespace) -> None:

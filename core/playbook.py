@@ -241,6 +241,20 @@ def _parse_playbook(text: str) -> Playbook:
     return Playbook.model_validate(yaml.safe_load(text))
 
 
+def percent_text(value: float, decimals: int = 0, space: str = " ") -> str:
+    """A probability as a seller reads it: ``83 %``. A probability strictly between 0 and 1 is
+    never shown as 0 % or 100 % (``<1 %``, ``>99 %``): no shop's history supports certainty."""
+    if value != value:  # NaN
+        return "?"
+    text = f"{value * 100:.{decimals}f}"
+    step = 10.0**-decimals
+    if float(text) >= 100.0 and value < 1.0:
+        return f">{100.0 - step:.{decimals}f}{space}%"
+    if float(text) <= 0.0 and value > 0.0:
+        return f"<{step:.{decimals}f}{space}%"
+    return f"{text}{space}%"
+
+
 # --- facts -------------------------------------------------------------------------------------
 
 FACTS: dict[str, tuple[str, ...]] = {

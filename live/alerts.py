@@ -94,7 +94,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from sqlalchemy import Engine
 
-from core.playbook import Playbook, load_playbook
+from core.playbook import Playbook, load_playbook, percent_text
 from live.book import (
     ChannelHealth,
     DueAlert,
@@ -451,9 +451,9 @@ class AlertMessage:
 
 
 def percent(value: float, lang: str) -> str:
-    """``83%``; Russian puts a space before the sign (``83 %``), as the playbook does."""
-    number = f"{value * 100:.0f}"
-    return f"{number} %" if lang == "ru" else f"{number}%"
+    """``83%``; Russian puts a space before the sign (``83 %``), as the playbook does; never
+    0 % or 100 % for a probability between them (:func:`core.playbook.percent_text`)."""
+    return percent_text(value, space=" " if lang == "ru" else "")
 
 
 def _human_time(ns: int) -> str:

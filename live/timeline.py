@@ -27,6 +27,7 @@ from typing import Any
 import pandas as pd
 
 from core.ingest import tables_from_objects
+from core.playbook import percent_text
 from live.book import ScoreInputs
 
 LANES = ("status", "scan", "price", "card", "promise")
@@ -561,7 +562,8 @@ def render_timeline_svg(
     prefix = f"timeline-{_slug(timeline.posting_number)}"
     desc = f"{title}: {len(events)} {words['events']}"
     if scores:
-        desc += f"; {words['risk']} {scores[0][1]:.0%} → {scores[-1][1]:.0%}"
+        desc += f"; {words['risk']} {percent_text(scores[0][1], space='')} → "
+        desc += percent_text(scores[-1][1], space="")
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" class="timeline-chart" id="{prefix}" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" width="100%" preserveAspectRatio="xMidYMid meet" '
@@ -645,7 +647,8 @@ def render_timeline_svg(
         for at, p, level in scores:
             known = _level_of(level)
             colour = LEVEL_COLOURS.get(known, UNKNOWN_LEVEL)
-            tip = f"{format_time(at)} — {words['risk']}: {p:.0%} ({words.get(level, level)})"
+            tip = f"{format_time(at)} — {words['risk']}: {percent_text(p, space='')} "
+            tip += f"({words.get(level, level)})"
             parts.append(
                 f'<g class="risk-point risk-{known}"><title>{_e(tip)}</title>'
                 f'<circle cx="{_f(axis.x(at))}" cy="{_f(_risk_y(p))}" r="3.5" fill="{colour}" '

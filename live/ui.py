@@ -34,7 +34,7 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from core.explain import MIN_RISK_DROP
-from core.playbook import LANGUAGES, Playbook, load_playbook
+from core.playbook import LANGUAGES, Playbook, load_playbook, percent_text
 from live.dashboard import (
     LEVELS,
     SORTS,
@@ -160,7 +160,7 @@ def format_time(ns: int | None) -> str:
 def percent(value: float | None) -> str:
     if value is None or not math.isfinite(value):
         return "—"
-    return f"{value * 100:.1f} %"
+    return percent_text(value, decimals=1)
 
 
 def _html(body: str, status_code: int = 200, headers: dict[str, str] | None = None) -> Response:

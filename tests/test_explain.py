@@ -12,7 +12,7 @@ from core.costs import CostsConfig
 from core.counterfactuals import CAUSES, build_reference_values, build_risk_drops
 from core.explain import build_decisions, build_explanations
 from core.features import build_features
-from core.playbook import LANGUAGES, NO_SINGLE_CAUSE, format_rows, load_playbook
+from core.playbook import LANGUAGES, NO_SINGLE_CAUSE, format_rows, load_playbook, percent_text
 from core.tables import EVENT_COLUMNS, HistoryTables, conform
 
 HOUR = pd.Timedelta(hours=1)
@@ -378,3 +378,20 @@ def test_a_name_without_a_translation_is_shown_as_ozon_gives_it(tmp_path):
     path.write_text(own.replace("  region:", "  city:"), encoding="utf-8")
     with pytest.raises(ValueError, match="unknown kinds"):
         load_playbook(path)
+
+
+@pytest.mark.parametrize(
+    ("value", "decimals", "shown"),
+    [
+        (0.999, 0, ">99 %"),
+        (0.9995, 1, ">99.9 %"),
+        (0.0004, 0, "<1 %"),
+        (0.83, 0, "83 %"),
+        (0.125, 1, "12.5 %"),
+        (1.0, 0, "100 %"),
+        (0.0, 0, "0 %"),
+        (float("nan"), 0, "?"),
+    ],
+)
+def test_a_probability_between_0_and_1_is_never_shown_as_certain(value, decimals, shown):
+    assert percent_text(value, decimals) == shown

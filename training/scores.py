@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from core.playbook import percent_text
+
 REQUIRED = ("posting_number", "probability", "risk_level", "reasons", "actions", "decision")
 
 
@@ -32,8 +34,9 @@ def format_riskiest(frame: pd.DataFrame, top: int) -> str:
     ).head(top)
     lines = [f"The {len(riskiest)} riskiest of {len(frame):,} open orders:"]
     for rank, row in enumerate(riskiest.itertuples(index=False), start=1):
+        shown = percent_text(row.probability, space="")
         lines.append(
-            f"{rank}. {row.posting_number}  P(buyer cancels) {row.probability:.0%}  "
+            f"{rank}. {row.posting_number}  P(buyer cancels) {shown}  "
             f"{row.risk_level}  -> {row.decision}"
         )
         for reason in json.loads(row.reasons):
