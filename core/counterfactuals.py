@@ -11,7 +11,7 @@ stored with the model).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -294,16 +294,33 @@ def risk_drop_matrix(
         cause.fix(variant, reference)
         blocks.append(variant.values)
         owners.append((CAUSES.index(cause.code), rows))
-    drops = np.full((len(matrix), len(CAUSES)), np.nan)
+    fixed = score_variants(model, blocks, owners, raw, probabilities, len(CAUSES))
+    return probabilities[:, None] - fixed
+
+
+def score_variants(
+    model: RiskModel,
+    blocks: Sequence[np.ndarray],
+    owners: Sequence[tuple[int, np.ndarray]],
+    raw: np.ndarray,
+    probabilities: np.ndarray,
+    width: int,
+) -> np.ndarray:
+    """The calibrated probabilities of variant rows, scored in one booster call: ``blocks[k]``
+    holds variants of the orders ``owners[k][1]``, for column ``owners[k][0]`` of the result
+    (orders x ``width``, NaN where an order has no variant), each moved from the order's own
+    probability by the booster's change in log-odds (:func:`shift_log_odds`)."""
+    fixed = np.full((len(probabilities), width), np.nan)
     if not blocks:
-        return drops
+        return fixed
     fixed_raw = model.predict_matrix_raw(np.vstack(blocks))
     start = 0
     for column, rows in owners:
-        fixed = shift_log_odds(probabilities[rows], raw[rows], fixed_raw[start : start + rows.size])
-        drops[rows, column] = probabilities[rows] - fixed
+        fixed[rows, column] = shift_log_odds(
+            probabilities[rows], raw[rows], fixed_raw[start : start + rows.size]
+        )
         start += rows.size
-    return drops
+    return fixed
 
 
 def _logit(p: np.ndarray) -> np.ndarray:

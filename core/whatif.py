@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from core.counterfactuals import CAUSE_RULES, NamedMatrix, reference_codes, shift_log_odds
+from core.counterfactuals import CAUSE_RULES, NamedMatrix, reference_codes, score_variants
 from core.explain import model_costs
 from core.features.schema import RUB_PER_UNIT
 from core.playbook import LANGUAGES, WHAT_IF_ACTIONS, Playbook, load_playbook
@@ -144,17 +144,7 @@ def build_counterfactual_probabilities(
                 variant[chosen] = part.values
         blocks.append(variant)
         owners.append((column, rows))
-    after = np.full((len(matrix), len(COUNTERFACTUAL_ACTIONS)), np.nan)
-    if not blocks:
-        return after
-    fixed_raw = model.predict_matrix_raw(np.vstack(blocks))
-    start = 0
-    for column, rows in owners:
-        after[rows, column] = shift_log_odds(
-            probabilities[rows], raw[rows], fixed_raw[start : start + rows.size]
-        )
-        start += rows.size
-    return after
+    return score_variants(model, blocks, owners, raw, probabilities, len(COUNTERFACTUAL_ACTIONS))
 
 
 def build_refund_amounts(

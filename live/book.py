@@ -852,6 +852,22 @@ def _count(connection: Connection, table: Any, column: Any, value: str) -> int:
     )
 
 
+def latest_explanations(
+    connection: Connection, score_ids: Sequence[int | None], lang: str
+) -> dict[int, dict[str, Any]]:
+    """The explanation in ``lang`` (English when it has none) of each score id given."""
+    found: dict[int, dict[str, Any]] = {}
+    for chunk in in_chunks([i for i in score_ids if i is not None]):  # type: ignore[arg-type]
+        for score in connection.execute(
+            select(schema.scores.c.id, schema.scores.c.explanations).where(
+                schema.scores.c.id.in_(chunk)
+            )
+        ):
+            held = orjson.loads(score.explanations)
+            found[score.id] = held.get(lang) or held.get("en")
+    return found
+
+
 def list_postings(
     connection: Connection,
     *,
@@ -871,21 +887,10 @@ def list_postings(
     if after is not None:
         query = query.where(table.c.posting_number > after)
     rows = list(connection.execute(query))
-    explanations: dict[int, Any] = {}
-    ids = [row.score_id for row in rows if row.score_id is not None]
-    for chunk in in_chunks(ids):  # type: ignore[arg-type]
-        for score in connection.execute(
-            select(schema.scores.c.id, schema.scores.c.explanations).where(
-                schema.scores.c.id.in_(chunk)
-            )
-        ):
-            explanations[score.id] = orjson.loads(score.explanations)
+    explanations = latest_explanations(connection, [row.score_id for row in rows], lang)
     listed = []
     for row in rows:
-        explanation = None
-        if row.score_id in explanations:
-            held = explanations[row.score_id]
-            explanation = held.get(lang) or held.get("en")
+        explanation = explanations.get(row.score_id)
         reasons = (explanation or {}).get("reasons") or []
         actions = (explanation or {}).get("actions") or []
         listed.append(

@@ -21,8 +21,8 @@ from sqlalchemy import Connection, and_, func, select
 from live import schema
 from live.book import (
     ScoreInputs,
-    in_chunks,
     iter_records,
+    latest_explanations,
     posting_view,
     read_meta,
     score_inputs,
@@ -165,33 +165,14 @@ def orders_page(
                     select(column).where(table.c.is_open, column.is_not(None)).distinct()
                 )
             ]
+    explanations = latest_explanations(connection, [row.score_id for row in rows], lang)
     return OrdersPage(
-        [
-            _order_row(row, explanation, now)
-            for row, explanation in _explained(connection, rows, lang)
-        ],
+        [_order_row(row, explanations.get(row.score_id), now) for row in rows],
         total,
         counts,
         {name: sorted(values) for name, values in options.items()},
         query,
     )
-
-
-def _explained(
-    connection: Connection, rows: list[Any], lang: str
-) -> list[tuple[Any, dict[str, Any] | None]]:
-    """Each row with its latest score's explanation in ``lang``."""
-    held: dict[int, Any] = {}
-    ids = [row.score_id for row in rows if row.score_id is not None]
-    for chunk in in_chunks(ids):  # type: ignore[arg-type]
-        for score in connection.execute(
-            select(schema.scores.c.id, schema.scores.c.explanations).where(
-                schema.scores.c.id.in_(chunk)
-            )
-        ):
-            explanations = orjson.loads(score.explanations)
-            held[score.id] = explanations.get(lang) or explanations.get("en")
-    return [(row, held.get(row.score_id)) for row in rows]
 
 
 def _order_row(row: Any, explanation: Mapping[str, Any] | None, now: int) -> dict[str, Any]:
