@@ -371,6 +371,35 @@ def report(
     typer.echo(f"wrote {path}")
 
 
+@app.command(name="evaluate-reasons")
+def evaluate_reasons(
+    history: HistoryOption,
+    model: Annotated[
+        str, typer.Option("--model", help="Model URI or directory.")
+    ] = "models:/cancel-risk@champion",
+    out_json: Annotated[
+        Path | None, typer.Option("--out-json", help="Also write the figures as JSON here.")
+    ] = None,
+) -> None:
+    """Our reasons and TreeSHAP's against a simulated history's true causes (--truth)."""
+    from batch.models import ModelSourceError, load_scoring_model
+    from core.errors import HistoryError
+    from core.ingest import load_history
+    from training.reason_quality import TruthCausesError, evaluate_history_reasons
+
+    try:
+        tables = load_history(history)
+        scoring_model = load_scoring_model(model)
+        quality = evaluate_history_reasons(scoring_model.risk_model, tables, history)
+    except (HistoryError, ModelSourceError, TruthCausesError, OSError) as exc:
+        raise fail(str(exc)) from None
+    typer.echo(quality.format())
+    if out_json is not None:
+        out_json.parent.mkdir(parents=True, exist_ok=True)
+        out_json.write_text(json.dumps(quality.to_dict(), indent=2) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {out_json}")
+
+
 @app.command()
 def serve(
     host: Annotated[

@@ -2,7 +2,8 @@
 
 ``simulate_shop`` runs the world; ``write_history`` writes it in the data contract's format
 (and, with ``truth=True``, the true cancellation probabilities of the postings open at the
-export moment and their outcomes after it).
+export moment, their outcomes after it, and each cause's contribution to those probabilities:
+:mod:`simulator.causes`).
 """
 
 from simulator.export import write_history

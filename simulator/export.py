@@ -2,7 +2,9 @@
 
 Only what the seller's archive would hold at the export moment is written: the postings as the
 Seller API returns them then, the pushes received until then, the price log, the carrier scans
-and the product cards. ``truth.csv`` (optional) is the one file a real archive never has. The
+and the product cards. ``truth.csv`` and ``truth_causes.csv`` (optional) are the files a real
+archive never has: the true probability of each posting open at the export moment with its
+outcome, and each cause's contribution to that probability (:mod:`simulator.causes`). The
 postings and pushes are written as :mod:`simulator.seller_api` gives them, or the postings as
 the seller cabinet's CSV export (:mod:`simulator.cabinet_csv`).
 """
@@ -16,10 +18,12 @@ import orjson
 import pandas as pd
 
 from simulator.cabinet_csv import write_cabinet_csv
+from simulator.causes import contribution_columns
 from simulator.parameters import BUYER_CANCELLED, DELIVERED, OUTCOME_NAMES
 from simulator.seller_api import hour_stamps, iso_time, posting_objects, push_rows
 from simulator.shop import SimulatedWorld
 
+TRUTH_CAUSES_FILE = "truth_causes.csv"
 SCAN_TEXTS = (
     "已揽收 Accepted by carrier",
     "Прибыло в сортировочный центр",
@@ -121,6 +125,17 @@ def _truth_frame(world: SimulatedWorld) -> pd.DataFrame:
     )
 
 
+def _truth_causes_frame(world: SimulatedWorld) -> pd.DataFrame:
+    causes = world.truth_causes
+    index = causes["posting"].to_numpy()
+    frame = pd.DataFrame({"posting_number": world.orders.posting_number[index]})
+    for column in ("true_probability", *contribution_columns()):
+        # + 0.0: a contribution rounded to -0.0 is written as 0.0
+        frame[column] = np.round(causes[column].to_numpy(), 6) + 0.0
+    frame["dominant_cause"] = causes["dominant_cause"].to_numpy()
+    return frame
+
+
 def _write_jsonl(path: Path, objects) -> None:
     with path.open("wb") as handle:
         for obj in objects:
@@ -131,7 +146,8 @@ def _write_jsonl(path: Path, objects) -> None:
 def write_history(
     world: SimulatedWorld, out: Path | str, *, posting_format: str = "jsonl", truth: bool = False
 ) -> list[Path]:
-    """Write the shop's history directory (and ``truth.csv``); returns the files written."""
+    """Write the shop's history directory (and ``truth.csv``, with ``truth_causes.csv`` when
+    the world was simulated with its causes); returns the files written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     objects = posting_objects(world)
@@ -157,4 +173,7 @@ def write_history(
             raise ValueError("the world was simulated without truth=True")
         written.append(out / "truth.csv")
         _truth_frame(world).to_csv(written[-1], index=False)
+        if world.truth_causes is not None:
+            written.append(out / TRUTH_CAUSES_FILE)
+            _truth_causes_frame(world).to_csv(written[-1], index=False)
     return written

@@ -9,6 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from simulator.causes import (
+    CARRIER_CAUSE,
+    CAUSES,
+    SWITCHED_OFF,
+    SwitchedOff,
+    UsualLevels,
+    build_cause_frame,
+)
 from simulator.parameters import (
     CARRIERS,
     COD_PAYMENT,
@@ -20,6 +28,7 @@ from simulator.parameters import (
 from simulator.world import (
     Lines,
     Offers,
+    PairedGenerator,
     Population,
     Postings,
     Recorder,
@@ -76,6 +85,8 @@ class SimulatedWorld:
     recorder: Recorder
     observed_prices: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
     truth: pd.DataFrame | None  # posting index -> true probability, for postings open at export
+    # posting index -> true probability, contribution of each cause, dominant cause
+    truth_causes: pd.DataFrame | None = None
 
     def timestamp(self, hours: np.ndarray) -> pd.DatetimeIndex:
         return self.start + pd.to_timedelta(np.asarray(hours, dtype=float), unit="h")
@@ -297,6 +308,136 @@ def run_until(
     return t
 
 
+def replicate(pop: Population, index: np.ndarray, reps: int) -> Population:
+    """``reps`` replicas of the postings ``index`` of ``pop``, each replica with its own copy
+    of the offers (its own future prices and card edits): replica ``r`` holds rows
+    ``r * len(index) ...``."""
+    n_offers = len(pop.offers.list_price)
+    sub, _ = sub_population(pop, index)
+    n = index.size
+    postings = sub.postings.take(np.tile(np.arange(n), reps))
+    line_rep = np.repeat(np.arange(reps), len(sub.lines.posting))
+    lines = sub.lines.take(np.tile(np.arange(len(sub.lines.posting)), reps))
+    lines.posting = lines.posting + line_rep * n
+    lines.offer = lines.offer + line_rep * n_offers
+    offers = pop.offers.take(np.tile(np.arange(n_offers), reps))
+    return Population(
+        offers, postings, lines, np.tile(sub.line_weight, reps), np.tile(sub.ids, reps)
+    )
+
+
+def _twice(pop: Population) -> Population:
+    """``pop`` followed by a copy of itself with its own offers (rows ``n ... 2n``)."""
+    n, m, k = len(pop.postings.ordered_h), len(pop.lines.posting), len(pop.offers.list_price)
+    lines = pop.lines.take(np.tile(np.arange(m), 2))
+    lines.posting[m:] += n
+    lines.offer[m:] += k
+    return Population(
+        pop.offers.take(np.tile(np.arange(k), 2)),
+        pop.postings.take(np.tile(np.arange(n), 2)),
+        lines,
+        np.tile(pop.line_weight, 2),
+        np.tile(pop.ids, 2),
+    )
+
+
+def _redraw_running_blackouts(
+    rollout: Population, t: float, rng: np.random.Generator | PairedGenerator
+) -> None:
+    blackout_left = rng.exponential(world_arrays()["quiet_days"][rollout.postings.carrier] * DAY)
+    p = rollout.postings
+    p.quiet_until = np.where(p.quiet_until > t, t + blackout_left, p.quiet_until)
+
+
+def roll_out(
+    rollout: Population,
+    t: float,
+    config: SimulationConfig,
+    rng: np.random.Generator | PairedGenerator,
+    *,
+    variants: SwitchedOff | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run every row of ``rollout`` from hour ``t`` over the horizon without sampling the
+    buyer's cancellation; returns each row's Rao-Blackwellised buyer-cancellation probability
+    and, per variant of ``variants``, the same along the same path (``(k, rows)``).
+
+    With a :class:`PairedGenerator` the rollout is two halves of paired rows, which leave the
+    rollout together so that their random numbers stay paired.
+    """
+    arrays = world_arrays()
+    rows = len(rollout.postings.ordered_h)
+    survival = np.ones(rows)
+    buyer_prob = np.zeros(rows)
+    path = np.arange(rows)  # which path each row of the shrinking rollout is
+    total = np.zeros(rows)
+    variant_total = np.zeros((0 if variants is None else len(SWITCHED_OFF), rows))
+    cut_short = 0
+    end = t + config.horizon_days * DAY
+    steps = 0
+    while t < end and path.size:
+        advance(
+            rollout,
+            t,
+            config.step_hours,
+            config.dynamics,
+            arrays,
+            rng,
+            None,
+            survival,
+            buyer_prob,
+            variants,
+        )
+        t += config.step_hours
+        steps += 1
+        if steps % 12 == 0 or t >= end:
+            # Finished paths leave the rollout, so its cost follows the paths still open.
+            alive = (rollout.postings.outcome == OPEN) & (survival > 0)
+            if isinstance(rng, PairedGenerator):
+                half = alive.size // 2
+                either = alive[:half] | alive[half:]
+                alive = np.concatenate([either, either])
+            total[path[~alive]] = buyer_prob[~alive]
+            keep = np.flatnonzero(alive)
+            rollout, line_keep = sub_population(rollout, keep)
+            if variants is not None:
+                # A path the buyer surely abandoned in the real world ends for the variants too.
+                cut_short += int(((variants.survival[:, ~alive] > 0).any(axis=0)).sum())
+                variant_total[:, path[~alive]] = variants.buyer_prob[:, ~alive]
+                variants = variants.take(keep, line_keep)
+            if isinstance(rng, PairedGenerator):
+                rng.posting_rows = keep.size
+            path, survival, buyer_prob = path[keep], survival[keep], buyer_prob[keep]
+    total[path] = buyer_prob
+    if variants is not None:
+        variant_total[:, path] = variants.buyer_prob
+    if cut_short:
+        logger.debug("%d paths ended with a switched-off variant still open", cut_short)
+    return total, variant_total
+
+
+def truth_rollouts(
+    pop: Population,
+    open_index: np.ndarray,
+    t: float,
+    config: SimulationConfig,
+    usual: UsualLevels | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The true probability of each open posting (:func:`true_probabilities`) and, with
+    ``usual``, its probability with each hazard-only mechanism switched off
+    (:class:`simulator.causes.SwitchedOff`, ``(mechanisms, postings)``), along the same paths."""
+    reps = config.truth_rollouts
+    rng = np.random.default_rng([config.seed, 1])
+    n = open_index.size
+    rollout = replicate(pop, open_index, reps)
+    _redraw_running_blackouts(rollout, t, rng)
+    variants = None if usual is None else SwitchedOff(rollout, t, usual)
+    total, variant_total = roll_out(rollout, t, config, rng, variants=variants)
+    probability = total.reshape(reps, n).mean(axis=0)
+    if variants is None:
+        return probability, None
+    return probability, variant_total.reshape(len(SWITCHED_OFF), reps, n).mean(axis=1)
+
+
 def true_probabilities(
     pop: Population, open_index: np.ndarray, t: float, config: SimulationConfig
 ) -> np.ndarray:
@@ -311,50 +452,67 @@ def true_probabilities(
     Blackout lengths are exponential, so the remainder has the same law as a new blackout and
     the world's dynamics are unchanged; only the truth stops knowing when the blackout ends.
     """
-    reps = config.truth_rollouts
-    rng = np.random.default_rng([config.seed, 1])
-    arrays = world_arrays()
-    n_offers = len(pop.offers.list_price)
-    sub, _ = sub_population(pop, open_index)
-    n = open_index.size
-    postings = sub.postings.take(np.tile(np.arange(n), reps))
-    blackout_left = rng.exponential(arrays["quiet_days"][postings.carrier] * DAY)
-    postings.quiet_until = np.where(
-        postings.quiet_until > t, t + blackout_left, postings.quiet_until
-    )
-    line_rep = np.repeat(np.arange(reps), len(sub.lines.posting))
-    lines = sub.lines.take(np.tile(np.arange(len(sub.lines.posting)), reps))
-    lines.posting = lines.posting + line_rep * n
-    lines.offer = lines.offer + line_rep * n_offers
-    offers = pop.offers.take(np.tile(np.arange(n_offers), reps))
-    rollout = Population(
-        offers, postings, lines, np.tile(sub.line_weight, reps), np.tile(sub.ids, reps)
-    )
-    survival = np.ones(n * reps)
-    buyer_prob = np.zeros(n * reps)
-    path = np.arange(n * reps)  # which path each row of the shrinking rollout is
-    total = np.zeros(n * reps)
-    end = t + config.horizon_days * DAY
-    steps = 0
-    while t < end and path.size:
-        advance(
-            rollout, t, config.step_hours, config.dynamics, arrays, rng, None, survival, buyer_prob
-        )
-        t += config.step_hours
-        steps += 1
-        if steps % 12 == 0 or t >= end:
-            # Finished paths leave the rollout, so its cost follows the paths still open.
-            alive = (rollout.postings.outcome == OPEN) & (survival > 0)
-            total[path[~alive]] = buyer_prob[~alive]
-            keep = np.flatnonzero(alive)
-            rollout, _ = sub_population(rollout, keep)
-            path, survival, buyer_prob = path[keep], survival[keep], buyer_prob[keep]
-    total[path] = buyer_prob
-    return total.reshape(reps, n).mean(axis=0)
+    return truth_rollouts(pop, open_index, t, config)[0]
 
 
-def simulate_shop(config: SimulationConfig, *, truth: bool = False) -> SimulatedWorld:
-    """Simulate the shop for ``config.days`` and then on past the export moment for outcomes."""
+def carrier_contributions(
+    pop: Population,
+    open_index: np.ndarray,
+    t: float,
+    config: SimulationConfig,
+    usual: UsualLevels,
+) -> np.ndarray:
+    """What travelling with its own carrier rather than the shop's usual one adds to each open
+    posting's true probability (0 for a posting on the usual carrier or at the pickup point).
+
+    Each posting's ``truth_rollouts`` paths run twice side by side, with its carrier and with
+    the usual one from hour ``t`` on, on common random numbers from their own stream (the
+    truth's stream is left as it was); the running blackout keeps its own carrier's law.
+    """
+    p = pop.postings
+    acts = (p.carrier[open_index] != usual.carrier) & np.isnan(p.arrived_h[open_index])
+    contribution = np.zeros(open_index.size)
+    if not acts.any():
+        return contribution
+    reps, m = config.truth_rollouts, int(acts.sum())
+    rollout = _twice(replicate(pop, open_index[acts], reps))
+    rng = PairedGenerator(
+        np.random.default_rng([config.seed, 4]),
+        posting_rows=2 * m * reps,
+        offer_rows=len(rollout.offers.list_price),
+    )
+    _redraw_running_blackouts(rollout, t, rng)
+    rollout.postings.carrier[m * reps :] = usual.carrier
+    total, _ = roll_out(rollout, t, config, rng)
+    own, usual_carrier = total.reshape(2, reps, m).mean(axis=1)
+    contribution[acts] = own - usual_carrier
+    return contribution
+
+
+def true_causes(
+    pop: Population, open_index: np.ndarray, t: float, config: SimulationConfig, usual: UsualLevels
+) -> pd.DataFrame:
+    """The true probability of each open posting and every mechanism's contribution to it
+    (:func:`simulator.causes.build_cause_frame`)."""
+    probability, switched_off = truth_rollouts(pop, open_index, t, config, usual)
+    assert switched_off is not None
+    contributions = np.zeros((open_index.size, len(CAUSES)))
+    for row, cause in enumerate(SWITCHED_OFF):
+        contributions[:, CAUSES.index(cause)] = probability - switched_off[row]
+    contributions[:, CAUSES.index(CARRIER_CAUSE)] = carrier_contributions(
+        pop, open_index, t, config, usual
+    )
+    return build_cause_frame(open_index, probability, contributions)
+
+
+def simulate_shop(
+    config: SimulationConfig, *, truth: bool = False, causes: bool = True
+) -> SimulatedWorld:
+    """Simulate the shop for ``config.days`` and then on past the export moment for outcomes.
+
+    With ``truth``, the true probabilities of the postings open at the export moment and, with
+    ``causes`` too, every mechanism's contribution to them (:mod:`simulator.causes`).
+    """
     rng = np.random.default_rng(config.seed)
     catalogue = build_catalogue(config, rng)
     orders = build_orders(config, rng)
@@ -381,12 +539,17 @@ def simulate_shop(config: SimulationConfig, *, truth: bool = False) -> Simulated
     t = run_until(pop, 0.0, export_h, config, rng, rec, observed)
     place_orders(pop, t)  # orders of the last step are open at the export moment
     at_export = pop.postings.take(np.arange(len(pop.postings.ordered_h)))
-    truth_frame = None
+    truth_frame = causes_frame = None
     if truth:
         open_index = np.flatnonzero(pop.postings.outcome == OPEN)
         logger.info("rolling out %d open postings x %d", open_index.size, config.truth_rollouts)
-        prob = true_probabilities(pop, open_index, t, config)
-        truth_frame = pd.DataFrame({"posting": open_index, "true_probability": prob})
+        if causes:
+            usual = UsualLevels.of_orders(orders.region, orders.carrier)
+            causes_frame = true_causes(pop, open_index, t, config, usual)
+            truth_frame = causes_frame[["posting", "true_probability"]].copy()
+        else:
+            prob = true_probabilities(pop, open_index, t, config)
+            truth_frame = pd.DataFrame({"posting": open_index, "true_probability": prob})
     # The world goes on without new orders, so every open posting meets its outcome.
     run_until(pop, t, t + config.horizon_days * DAY, config, rng, None, None)
     return SimulatedWorld(
@@ -401,4 +564,5 @@ def simulate_shop(config: SimulationConfig, *, truth: bool = False) -> Simulated
         recorder=rec,
         observed_prices=observed,
         truth=truth_frame,
+        truth_causes=causes_frame,
     )

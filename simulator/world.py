@@ -10,7 +10,10 @@ One step function, :func:`advance`, moves a :class:`Population` forward by one t
 history simulation calls it with a recorder (events become files) and sampled outcomes; the truth
 rollouts call it on many replicas of the state at the export moment, without recording, and add up
 the buyer-cancellation probability along each path (Rao-Blackwellised), which gives the true
-probability with far fewer rollouts than sampling the cancellation itself.
+probability with far fewer rollouts than sampling the cancellation itself. The buyer's hazard is
+a sum of named terms (:data:`HAZARD_TERMS`), one or two per mechanism, so that the truth causes
+(:mod:`simulator.causes`) can follow the hazard with one mechanism switched off along the same
+paths.
 
 Time is in hours since the simulation start, as float64. The carriers, regions and rates the
 step applies are :mod:`simulator.parameters`.
@@ -18,7 +21,9 @@ step applies are :mod:`simulator.parameters`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Protocol
 
 import numpy as np
 
@@ -113,47 +118,146 @@ class Population:
 # Dynamics
 
 
-def buyer_log_hazard(pop: Population, t: float, dyn: Dynamics) -> np.ndarray:
-    """Log of the buyer's cancellation hazard for every posting at hour ``t``."""
+# The terms of the buyer's log-hazard, in the order they are added up (after the base rate).
+HAZARD_TERMS = (
+    "region",
+    "cod",
+    "premium",
+    "repeat",
+    "fickleness",
+    "remorse",
+    "price_drop",
+    "promo_visible",
+    "quiet",
+    "late",
+    "not_shipped",
+    "card_edit",
+    "date_change",
+)
+
+
+def price_terms(
+    pop: Population, t: float, dyn: Dynamics, reference: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The price-fall terms: the value-weighted drop below ``reference`` (per line; default the
+    price paid) and whether a promotion the buyer did not buy in shows that drop."""
     p, lines = pop.postings, pop.lines
     n = len(p.ordered_h)
-    age = t - p.ordered_h
-
+    paid = lines.paid if reference is None else reference
     current = pop.offers.effective_price(t)[lines.offer]
     with np.errstate(divide="ignore", invalid="ignore"):
-        drop = np.clip(1.0 - current / lines.paid, 0.0, None)
+        drop = np.clip(1.0 - current / paid, 0.0, None)
     drop = np.nan_to_num(drop)
     in_promo = (pop.offers.promo_until[lines.offer] > t) & ~lines.promo_at_purchase
     price_drop = np.bincount(lines.posting, pop.line_weight * drop, minlength=n)
     promo_visible = np.bincount(lines.posting, in_promo & (drop > 0), minlength=n) > 0
-    edits = np.bincount(
-        lines.posting, pop.offers.edits[lines.offer] - lines.edits_at_purchase, minlength=n
-    )
+    return dyn.price_drop_effect * price_drop, dyn.promo_visible_effect * promo_visible
 
+
+def quiet_term(
+    p: Postings, t: float, dyn: Dynamics, since: float | np.ndarray | None = None
+) -> np.ndarray:
+    """Tracking silence of a parcel in transit beyond what buyers tolerate; silence before
+    ``since`` (per posting, or one hour) does not count (None: all of it)."""
     handed = ~np.isnan(p.handed_h)
-    arrived = ~np.isnan(p.arrived_h)
-    in_transit = handed & ~arrived
-    quiet_days = np.where(in_transit, (t - p.last_activity_h) / 24.0 - dyn.quiet_after_days, 0.0)
-    late_days = np.where(arrived, 0.0, (t - p.promise_end_h) / 24.0)
-    unshipped_days = np.where(handed, 0.0, (age - dyn.not_shipped_after_hours) / 24.0)
+    in_transit = handed & np.isnan(p.arrived_h)
+    last = p.last_activity_h if since is None else np.fmax(p.last_activity_h, since)
+    quiet_days = np.where(in_transit, (t - last) / 24.0 - dyn.quiet_after_days, 0.0)
+    return dyn.quiet_effect_per_day * np.clip(quiet_days, 0.0, dyn.quiet_cap_days)
 
-    eta = (
-        np.log(dyn.buyer_base_per_hour)
-        + REGION_SHIFT[p.region]
-        + dyn.cod_effect * p.cod
-        + dyn.premium_effect * p.premium
-        + dyn.repeat_buyer_effect * p.repeat
-        + p.fickleness
-        + dyn.remorse_effect * np.exp(-age / dyn.remorse_hours)
-        + dyn.price_drop_effect * price_drop
-        + dyn.promo_visible_effect * promo_visible
-        + dyn.quiet_effect_per_day * np.clip(quiet_days, 0.0, dyn.quiet_cap_days)
-        + dyn.late_effect_per_day * np.clip(late_days, 0.0, dyn.late_cap_days)
-        + dyn.not_shipped_effect_per_day * np.clip(unshipped_days, 0.0, dyn.not_shipped_cap_days)
-        + dyn.card_edit_effect * np.minimum(edits, 3)
-        + dyn.date_change_effect * np.minimum(p.date_changes, 3)
+
+def lateness_terms(
+    p: Postings,
+    t: float,
+    dyn: Dynamics,
+    since: float | None = None,
+    changes_before: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Days past the promised end (counted from ``since`` at the earliest) and the promise's
+    moves (less ``changes_before``) of a parcel not yet at the pickup point."""
+    end = p.promise_end_h if since is None else np.fmax(p.promise_end_h, since)
+    late_days = np.where(~np.isnan(p.arrived_h), 0.0, (t - end) / 24.0)
+    changes = p.date_changes if changes_before is None else p.date_changes - changes_before
+    return (
+        dyn.late_effect_per_day * np.clip(late_days, 0.0, dyn.late_cap_days),
+        dyn.date_change_effect * np.minimum(changes, 3),
     )
+
+
+def waiting_term(p: Postings, t: float, dyn: Dynamics, since: float | None = None) -> np.ndarray:
+    """Waiting for the handover beyond what buyers tolerate, the wait counted from the order
+    (or from ``since`` when later)."""
+    age = t - p.ordered_h if since is None else t - np.fmax(p.ordered_h, since)
+    unshipped_days = np.where(
+        ~np.isnan(p.handed_h), 0.0, (age - dyn.not_shipped_after_hours) / 24.0
+    )
+    return dyn.not_shipped_effect_per_day * np.clip(unshipped_days, 0.0, dyn.not_shipped_cap_days)
+
+
+def card_edit_term(
+    pop: Population, dyn: Dynamics, edits_before: np.ndarray | None = None
+) -> np.ndarray:
+    """Edits of the bought offers' cards since ``edits_before`` (per line; default the count at
+    purchase), at most three."""
+    lines = pop.lines
+    before = lines.edits_at_purchase if edits_before is None else edits_before
+    edits = np.bincount(
+        lines.posting, pop.offers.edits[lines.offer] - before, minlength=len(pop.postings.ordered_h)
+    )
+    return dyn.card_edit_effect * np.minimum(edits, 3)
+
+
+def buyer_hazard_terms(pop: Population, t: float, dyn: Dynamics) -> dict[str, np.ndarray]:
+    """Every term of the buyer's log-hazard at hour ``t``, by name (:data:`HAZARD_TERMS`)."""
+    p = pop.postings
+    price_drop, promo_visible = price_terms(pop, t, dyn)
+    late, date_change = lateness_terms(p, t, dyn)
+    return {
+        "region": REGION_SHIFT[p.region],
+        "cod": dyn.cod_effect * p.cod,
+        "premium": dyn.premium_effect * p.premium,
+        "repeat": dyn.repeat_buyer_effect * p.repeat,
+        "fickleness": p.fickleness,
+        "remorse": dyn.remorse_effect * np.exp(-(t - p.ordered_h) / dyn.remorse_hours),
+        "price_drop": price_drop,
+        "promo_visible": promo_visible,
+        "quiet": quiet_term(p, t, dyn),
+        "late": late,
+        "not_shipped": waiting_term(p, t, dyn),
+        "card_edit": card_edit_term(pop, dyn),
+        "date_change": date_change,
+    }
+
+
+def sum_log_hazard(terms: dict[str, np.ndarray], arrived: np.ndarray, dyn: Dynamics) -> np.ndarray:
+    """The log-hazard from its terms, added in the order of :data:`HAZARD_TERMS`: the same
+    terms always give the same bits, so a variant that changes no term changes nothing."""
+    eta = np.log(dyn.buyer_base_per_hour)
+    for name in HAZARD_TERMS:
+        eta = eta + terms[name]
     return np.where(arrived, eta + np.log(dyn.at_pickup_factor), eta)
+
+
+def buyer_log_hazard(pop: Population, t: float, dyn: Dynamics) -> np.ndarray:
+    """Log of the buyer's cancellation hazard for every posting at hour ``t``."""
+    terms = buyer_hazard_terms(pop, t, dyn)
+    return sum_log_hazard(terms, ~np.isnan(pop.postings.arrived_h), dyn)
+
+
+class HazardVariants(Protocol):
+    """Other buyer hazards followed along the same paths as the real one (the truth causes).
+
+    ``log_hazards`` gives, from the real hazard's terms at the start of a step, the
+    ``(k, postings)`` log-hazards of the ``k`` variants; ``survival`` and ``buyer_prob`` are
+    their own Rao-Blackwellised accumulators, of the same shape.
+    """
+
+    survival: np.ndarray
+    buyer_prob: np.ndarray
+
+    def log_hazards(
+        self, pop: Population, t: float, dyn: Dynamics, terms: dict[str, np.ndarray]
+    ) -> np.ndarray: ...
 
 
 def other_cancel_hazards(pop: Population, t: float, dyn: Dynamics) -> tuple[np.ndarray, ...]:
@@ -179,14 +283,71 @@ class Recorder:
         self.card_edits: list[tuple[np.ndarray, np.ndarray]] = []
 
 
+class PairedGenerator:
+    """Common random numbers for a rollout made of two halves: the real paths and the same
+    paths with one change (the carrier).
+
+    Every draw the step function makes for all posting rows (``posting_rows``, kept up to date
+    as the rollout shrinks) or all offer rows (``offer_rows``) is drawn for the first half and
+    repeated for the second, so row ``i`` of each half meets the same chances and the two
+    differ only by what the change does. Draws of other sizes (the few postings whose date Ozon
+    moves in a step) are drawn as they come. Each half on its own gets independent draws of the
+    right law. :meth:`uniform_for` draws for chosen rows: a row of either half gets its pair's
+    number.
+    """
+
+    def __init__(self, rng: np.random.Generator, posting_rows: int, offer_rows: int) -> None:
+        self.rng = rng
+        self.posting_rows = posting_rows
+        self.offer_rows = offer_rows
+
+    def _draw(self, size: int, draw: Callable[[int], np.ndarray]) -> np.ndarray:
+        if size in (self.posting_rows, self.offer_rows):
+            half = draw(size // 2)
+            return np.concatenate([half, half])
+        return draw(size)
+
+    def random(self, size: int) -> np.ndarray:
+        return self._draw(size, self.rng.random)
+
+    def uniform(self, low: float, high: float, size: int) -> np.ndarray:
+        return self._draw(size, lambda k: self.rng.uniform(low, high, k))
+
+    def normal(self, loc: float, scale: float, size: int) -> np.ndarray:
+        return self._draw(size, lambda k: self.rng.normal(loc, scale, k))
+
+    def gamma(self, shape: float, scale: float, size: int) -> np.ndarray:
+        return self._draw(size, lambda k: self.rng.gamma(shape, scale, k))
+
+    def exponential(self, scale: np.ndarray) -> np.ndarray:
+        scale = np.asarray(scale, dtype="float64")
+        return scale * self._draw(scale.size, self.rng.standard_exponential)
+
+    def uniform_for(self, low: float, high: float, rows: np.ndarray) -> np.ndarray:
+        half = self.posting_rows // 2
+        return self.rng.uniform(low, high, half)[rows % half]
+
+
+def _uniform_for(
+    rng: np.random.Generator | PairedGenerator, low: float, high: float, rows: np.ndarray
+) -> np.ndarray:
+    """Uniform draws for the posting rows ``rows`` (as many draws as rows from a Generator)."""
+    if isinstance(rng, PairedGenerator):
+        return rng.uniform_for(low, high, rows)
+    return rng.uniform(low, high, rows.size)
+
+
 def _scan_gap(
-    arrays: dict[str, np.ndarray], carrier: np.ndarray, dyn: Dynamics, rng: np.random.Generator
+    arrays: dict[str, np.ndarray],
+    carrier: np.ndarray,
+    dyn: Dynamics,
+    rng: np.random.Generator | PairedGenerator,
 ) -> np.ndarray:
     shape = dyn.scan_regularity
     return arrays["scan_every"][carrier] * rng.gamma(shape, 1.0 / shape, carrier.size)
 
 
-def _jitter(rng: np.random.Generator, t: float, dt: float, n: int) -> np.ndarray:
+def _jitter(rng: np.random.Generator | PairedGenerator, t: float, dt: float, n: int) -> np.ndarray:
     return t + rng.uniform(0.0, dt, n)
 
 
@@ -195,7 +356,7 @@ def advance_offers(
     t: float,
     dt: float,
     dyn: Dynamics,
-    rng: np.random.Generator,
+    rng: np.random.Generator | PairedGenerator,
     rec: Recorder | None,
 ) -> None:
     """Seller price changes, promotions starting and ending, card edits."""
@@ -230,17 +391,20 @@ def advance(
     dt: float,
     dyn: Dynamics,
     arrays: dict[str, np.ndarray],
-    rng: np.random.Generator,
+    rng: np.random.Generator | PairedGenerator,
     rec: Recorder | None = None,
     survival: np.ndarray | None = None,
     buyer_prob: np.ndarray | None = None,
+    variants: HazardVariants | None = None,
 ) -> None:
     """Move every open posting of ``pop`` from hour ``t`` to ``t + dt``.
 
     With ``survival``/``buyer_prob`` given (truth rollouts), cancellations are not sampled: each
     path accumulates the probability that the buyer cancels within the step, given it survived
     so far, and survival shrinks by the step's total cancellation probability. Deliveries and
-    deadlines are still sampled or applied, since they end the path.
+    deadlines are still sampled or applied, since they end the path. ``variants`` (with them)
+    are other buyer hazards accumulated the same way along the very same paths: the buyer's
+    hazard changes no state, so one rollout serves them all and draws no extra random number.
     """
     advance_offers(pop.offers, t, dt, dyn, rng, rec)
     p = pop.postings
@@ -249,10 +413,19 @@ def advance(
     carrier = p.carrier
 
     # Hazards use the state at the start of the step.
-    buyer = np.exp(buyer_log_hazard(pop, t, dyn))
+    terms = buyer_hazard_terms(pop, t, dyn)
+    eta = sum_log_hazard(terms, ~np.isnan(p.arrived_h), dyn)
+    buyer = np.exp(eta)
     seller, lost = other_cancel_hazards(pop, t, dyn)
     p_buyer = 1.0 - np.exp(-buyer * dt)
     p_other = 1.0 - np.exp(-(seller + lost) * dt)
+    p_variant = None
+    if variants is not None and survival is not None:
+        # Where a variant's hazard is the real one, so is its step probability (bit for bit).
+        variant_eta = variants.log_hazards(pop, t, dyn, terms)
+        p_variant = np.broadcast_to(p_buyer, variant_eta.shape).copy()
+        differs = variant_eta != eta
+        p_variant[differs] = 1.0 - np.exp(-np.exp(variant_eta[differs]) * dt)
 
     handed = ~np.isnan(p.handed_h)
     arrived = ~np.isnan(p.arrived_h)
@@ -315,8 +488,8 @@ def advance(
     move = late & (rng.random(n) < 1.0 - np.exp(-dyn.date_change_when_late_per_hour * dt))
     if move.any():
         idx = np.flatnonzero(move)
-        at = _jitter(rng, t, dt, idx.size)
-        new_end = at + rng.uniform(*dyn.date_change_shift_days, idx.size) * 24.0
+        at = t + _uniform_for(rng, 0.0, dt, idx)
+        new_end = at + _uniform_for(rng, *dyn.date_change_shift_days, idx) * 24.0
         if rec is not None:
             rec.date_changes.append(
                 (
@@ -351,6 +524,19 @@ def advance(
         buyer_prob += np.where(alive, survival * p_buyer, 0.0)
         survival *= np.where(alive, np.clip(1.0 - p_buyer - p_other, 0.0, 1.0), 1.0)
         survival[never_shipped | given_up] = 0.0
+        if variants is not None and p_variant is not None:
+            # The real hazard's arithmetic, in place (the variants are k times as many rows):
+            # the same bits wherever a variant's hazard is the real one.
+            ended = ~(open_ & ~deliver & ~never_shipped & ~given_up)
+            gained = variants.survival * p_variant
+            np.copyto(gained, 0.0, where=ended)
+            variants.buyer_prob += gained
+            np.subtract(1.0, p_variant, out=p_variant)
+            p_variant -= p_other
+            np.clip(p_variant, 0.0, 1.0, out=p_variant)
+            np.copyto(p_variant, 1.0, where=ended)
+            variants.survival *= p_variant
+            variants.survival[:, never_shipped | given_up] = 0.0
         p.outcome = np.where(deliver, DELIVERED, p.outcome)
         p.outcome = np.where(never_shipped, OZON_CANCELLED, p.outcome)
         p.outcome = np.where(given_up, DELIVERY_CANCELLED, p.outcome)
