@@ -62,7 +62,12 @@ def simulate(
         str, typer.Option("--format", help="Postings as API JSON Lines (jsonl) or cabinet csv.")
     ] = "jsonl",
     truth: Annotated[
-        bool, typer.Option("--truth", help="Also write truth.csv: true cancel probabilities.")
+        bool,
+        typer.Option(
+            "--truth",
+            help="Also write truth.csv (true cancel probabilities) and truth_causes.csv "
+            "(each cause's part of them).",
+        ),
     ] = False,
 ) -> None:
     """Simulate a seller's shop and write its history in the contract's format."""
@@ -155,6 +160,8 @@ def train(
     typer.echo(f"registered: {settings.mlflow.registered_model_name} v{result.model_version}")
     typer.echo(f"as of: {result.as_of.isoformat()}")
     typer.echo(format_comparison(result.comparison))
+    if result.reason_quality is not None:
+        typer.echo(result.reason_quality.summary_line())
     if result.promotion is not None:
         verdict = "promoted to champion" if result.promotion.promoted else "not promoted"
         typer.echo(f"{verdict}: {result.promotion.reason}")

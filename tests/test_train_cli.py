@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow
@@ -134,6 +135,8 @@ def test_train_registers_promotes_and_the_model_scores_raw_records(
     for name in ("model", "logistic", "static_lightgbm", "true_probability"):
         assert name in table
     assert "promoted to champion: no champion yet" in table
+    (quality,) = [line for line in lines if line.startswith("reasons vs the simulator's causes")]
+    assert re.search(r"top-1 \d+\.\d%, recall@3 \d+\.\d% \(TreeSHAP", quality)
 
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("cancel-risk", "champion").version) == "1"
@@ -143,6 +146,10 @@ def test_train_registers_promotes_and_the_model_scores_raw_records(
         assert 0.0 <= run.data.metrics[key] <= 1.0
     assert run.data.metrics["truth/truth_roc_auc"] > 0.5
     assert "truth/model_brier" in run.data.metrics
+    assert 0.0 <= run.data.metrics["reasons/ours_top1"] <= 1.0
+    assert 0.0 <= run.data.metrics["reasons/treeshap_recall_at_3"] <= 1.0
+    evaluation = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+    assert "evaluation/reason_quality.csv" in evaluation
     assert len(run.data.params["dataset_digest"]) == 16
     artifacts = {a.path for a in client.list_artifacts(run_id, "plots")}
     assert artifacts == {

@@ -215,6 +215,15 @@ class ReasonQuality:
             ],
         }
 
+    def summary_line(self) -> str:
+        """One line for ``train``'s output: both methods' top-1 and recall@3."""
+        ours, shap = self.summary["ours"], self.summary["treeshap"]
+        return (
+            f"reasons vs the simulator's causes ({len(self.evaluated):,} medium/high orders): "
+            f"top-1 {_pct(ours['top1'])}, recall@3 {_pct(ours['recall_at_3'])} "
+            f"(TreeSHAP {_pct(shap['top1'])}, {_pct(shap['recall_at_3'])})"
+        )
+
     def format(self) -> str:
         """The summary and the per-cause table as fixed-width text (for the terminal)."""
         lines = [

@@ -62,6 +62,12 @@ from training.plots import (
     plot_slice_metrics,
     render_png,
 )
+from training.reason_quality import (
+    TRUTH_CAUSES_FILE,
+    ReasonQuality,
+    evaluate_history_reasons,
+    log_reason_quality,
+)
 from training.registry import (
     CHALLENGER_ALIAS,
     PromotionResult,
@@ -112,6 +118,7 @@ class TrainingOutcome:
     dataset_digest: str
     input_example: pd.DataFrame | None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    reason_quality: ReasonQuality | None = None  # a simulated history's truth_causes.csv
 
 
 @dataclass
@@ -130,6 +137,7 @@ class TrainResult:
     plots: dict[str, bytes] = field(repr=False)
     promotion: PromotionResult | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    reason_quality: ReasonQuality | None = None
 
     @property
     def promoted(self) -> bool:
@@ -158,6 +166,9 @@ def train_from_history(
         known = known_at(tables, cut)
         truth = load_truth(history_dir)
     outcome = fit_and_evaluate(known, cut, config, truth=truth, truth_tables=tables, timer=timer)
+    if (history_dir / TRUTH_CAUSES_FILE).exists():
+        with timer.stage("reason_quality"):
+            outcome.reason_quality = evaluate_history_reasons(outcome.model, tables, history_dir)
     with timer.stage("log_and_register"):
         run_id, model_info = log_training_outcome(outcome, config, history_dir=history_dir)
     version = _registered_version(model_info)
@@ -178,6 +189,7 @@ def train_from_history(
         plots=outcome.plots,
         promotion=promotion,
         stage_seconds=dict(timer.seconds),
+        reason_quality=outcome.reason_quality,
     )
 
 
@@ -364,6 +376,8 @@ def log_training_outcome(
             log_metric_group(f"baseline_{name}", _finite(metrics))
         if outcome.truth_metrics is not None:
             log_metric_group("truth", _finite(outcome.truth_metrics))
+        if outcome.reason_quality is not None:
+            log_reason_quality(outcome.reason_quality)
         mlflow.log_text(config.to_yaml(), "config/training_config.yaml")
         mlflow.log_text(outcome.comparison.to_csv(index=False), "evaluation/comparison.csv")
         mlflow.log_text(
