@@ -298,6 +298,35 @@ def risk_drop_matrix(
     return probabilities[:, None] - fixed
 
 
+def no_problem_probabilities(
+    model: RiskModel,
+    matrix: np.ndarray,
+    raw: np.ndarray,
+    probabilities: np.ndarray,
+    reference: Mapping[str, float] | None = None,
+) -> np.ndarray:
+    """Each order's calibrated probability with every cause that applies to it fixed at once:
+    the order with no problem the seller could act on, what a reason's share is measured
+    against (:func:`core.explain.log_odds_share`). An order no cause applies to keeps its own
+    probability. One booster call."""
+    reference = reference_codes(model) if reference is None else reference
+    positions = {c: i for i, c in enumerate(model.feature_columns)}
+    base = NamedMatrix(matrix, positions)
+    variant = matrix.copy()
+    touched = np.zeros(len(matrix), dtype=bool)
+    for cause in CAUSE_RULES:
+        rows = np.flatnonzero(cause.applies(base, reference))
+        if rows.size == 0:
+            continue
+        part = NamedMatrix(variant[rows], positions)
+        cause.fix(part, reference)
+        variant[rows] = part.values
+        touched[rows] = True
+    rows = np.flatnonzero(touched)
+    fixed = score_variants(model, [variant[rows]], [(0, rows)], raw, probabilities, 1)[:, 0]
+    return np.where(touched, fixed, probabilities)
+
+
 def score_variants(
     model: RiskModel,
     blocks: Sequence[np.ndarray],

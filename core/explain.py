@@ -9,8 +9,11 @@ variants go through the booster in one call, so a reason costs about one extra p
 applicable cause (TreeSHAP would cost milliseconds per row and answer a less useful question:
 see the README's figures).
 
-``share`` is the reason's drop over the order's probability: the part of this order's risk that
-fixing the cause would remove. Shares of several causes need not add up to one (causes interact).
+``share`` is the part of this order's risk that fixing the cause would remove, measured on the
+log-odds between the order's probability and its probability with every applying cause fixed
+(:func:`log_odds_share`): near certainty, where each cause moves the probability little, it
+still says how much a cause matters. Shares of several causes need not add up to one (causes
+interact).
 
 The playbook (``playbook.yaml``, editable by the seller; :mod:`core.playbook`) maps each cause to
 its title, the facts shown and the actions, in English, Chinese and Russian. This module ranks
@@ -21,6 +24,7 @@ the report and the REST service all run.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from core.counterfactuals import reference_codes, risk_drop_matrix
+from core.counterfactuals import no_problem_probabilities, reference_codes, risk_drop_matrix
 from core.playbook import (
     DECISIONS,
     LANGUAGES,
@@ -62,7 +66,7 @@ MIN_RISK_DROP = 0.002
 @dataclass(frozen=True)
 class Reason:
     code: str
-    share: float  # risk_drop / probability
+    share: float  # of the order's risk, on the log-odds (log_odds_share)
     risk_drop: float  # calibrated probability removed if the cause were fixed
     facts: str  # in the requested language
     values: dict[str, float]  # the numbers behind the facts
@@ -257,6 +261,10 @@ class Explainer:
         """
         probabilities = np.asarray(probabilities, dtype="float64")
         drops = self.risk_drops(matrix, raw, probabilities[rows])
+        no_problem = np.full(len(probabilities), np.nan)
+        no_problem[rows] = no_problem_probabilities(
+            self.model, matrix, raw, probabilities[rows], self.reference_codes
+        )
         causes = np.full((len(probabilities), MAX_REASONS), -1, dtype=np.int64)
         top_drops = np.full((len(probabilities), MAX_REASONS), np.nan)
         causes[rows], top_drops[rows] = rank_causes(drops)
@@ -270,6 +278,7 @@ class Explainer:
             values_of,
             lang,
             needs_reason=needs_reason,
+            no_problem=no_problem,
         )
 
     def explain_columns(
@@ -282,6 +291,7 @@ class Explainer:
         lang: str,
         *,
         needs_reason: np.ndarray | None = None,
+        no_problem: np.ndarray | None = None,
     ) -> ExplanationColumns:
         """Explanations of rows whose causes are ranked (:func:`rank_causes`; -1: no cause).
 
@@ -316,9 +326,12 @@ class Explainer:
             facts[rows, slots] = self._facts(code, values, shown, fact_row[rows], lang)
             dropped = drops[rows, slots].tolist()
             risk_drops[rows, slots] = [round(drop, 6) for drop in dropped]
+            floors = [math.nan] * len(rows) if no_problem is None else no_problem[rows].tolist()
             shares[rows, slots] = [
-                round(drop / probability, 4) if probability > 0 else 0.0
-                for drop, probability in zip(dropped, probabilities[rows].tolist(), strict=True)
+                round(log_odds_share(probability, drop, floor), 4)
+                for drop, probability, floor in zip(
+                    dropped, probabilities[rows].tolist(), floors, strict=True
+                )
             ]
         decisions, savings = build_decisions(probabilities, handed_over, self.costs)
         return ExplanationColumns(
@@ -371,6 +384,30 @@ class Explainer:
             for key in distinct.tolist()
         ]
         return [chosen[k] for k in inverse.reshape(-1).tolist()]
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-9), 1.0 - 1e-9)
+    return math.log(p) - math.log1p(-p)
+
+
+def log_odds_share(probability: float, drop: float, no_problem: float) -> float:
+    """The part of an order's risk that fixing one cause removes, on the log-odds scale.
+
+    Measured between the order's probability and its ``no_problem`` probability (every cause
+    that applies fixed, :func:`core.counterfactuals.no_problem_probabilities`): a cause that
+    takes an order from 99.9 % to 99 % removes a third of the way to its no-problem 50 %, not
+    0.9 % of its risk as ``drop / probability`` would say, since near certainty each further
+    cause moves the probability less. Within [0, 1]. When fixing everything would not lower
+    the order (or ``no_problem`` is unknown), the plain ``drop / probability``.
+    """
+    if probability <= 0.0:
+        return 0.0
+    excess = _logit(probability) - _logit(no_problem) if no_problem == no_problem else math.nan
+    if not excess > 1e-9:
+        return drop / probability
+    removed = _logit(probability) - _logit(probability - drop)
+    return min(max(removed / excess, 0.0), 1.0)
 
 
 def rank_causes(drops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

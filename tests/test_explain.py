@@ -395,3 +395,36 @@ def test_a_name_without_a_translation_is_shown_as_ozon_gives_it(tmp_path):
 )
 def test_a_probability_between_0_and_1_is_never_shown_as_certain(value, decimals, shown):
     assert percent_text(value, decimals) == shown
+
+
+def test_a_share_is_measured_on_the_log_odds_towards_the_order_without_its_problems():
+    from core.explain import log_odds_share
+
+    # Near certainty a cause moves the probability little, yet takes a third of the way.
+    assert log_odds_share(0.999, 0.009, 0.5) == pytest.approx(0.3347, abs=1e-4)
+    assert 0.009 / 0.999 < 0.01
+    assert log_odds_share(0.3, 0.3 - 0.1, 0.1) == pytest.approx(1.0)  # all of the excess
+    assert log_odds_share(0.3, 0.25, 0.1) == 1.0  # more than fixing everything: capped
+    assert log_odds_share(0.3, -0.01, 0.1) == 0.0
+    # Fixing everything would not lower it, or nothing is known: drop over probability.
+    assert log_odds_share(0.3, 0.1, 0.3) == pytest.approx(1 / 3)
+    assert log_odds_share(0.2, 0.05, float("nan")) == pytest.approx(0.25)
+    assert log_odds_share(0.0, 0.0, 0.0) == 0.0
+
+
+def test_the_no_problem_probability_fixes_every_applying_cause_at_once(shop):
+    from core.counterfactuals import no_problem_probabilities, risk_drop_matrix
+
+    tables, model, as_of = shop
+    features = build_features(tables, as_of, aggregates=model.aggregates).head(400)
+    matrix = model.build_matrix(features)
+    raw = model.predict_matrix_raw(matrix)
+    probabilities = model.calibrator.transform(raw)
+    floor = no_problem_probabilities(model, matrix, raw, probabilities)
+    drops = risk_drop_matrix(model, matrix, raw, probabilities)
+    untouched = np.isnan(drops).all(axis=1)
+    np.testing.assert_array_equal(floor[untouched], probabilities[untouched])
+    assert (~untouched).sum() > 300 and (floor[~untouched] != probabilities[~untouched]).all()
+    # Fixing every cause lowers an order at least as much as its best single fix, mostly.
+    best = probabilities - np.nanmax(np.where(np.isnan(drops), -np.inf, drops), axis=1)
+    assert np.mean(floor[~untouched] <= best[~untouched] + 1e-9) > 0.8
