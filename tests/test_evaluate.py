@@ -157,3 +157,24 @@ def test_comparison_table_lists_model_baselines_and_truth() -> None:
     assert table["population"].tolist()[-2:] == ["open_at_export", "open_at_export"]
     assert table["roc_auc"].tolist() == pytest.approx([0.8, 0.7, 0.6, 0.79, 0.83])
     assert math.isnan(table["pr_auc"].iloc[-1])
+
+
+def test_slices_include_the_region_and_the_payment_type_when_known() -> None:
+    frame = _slice_frame().assign(
+        region=["Москва"] * 50 + ["Омская область"] * 35 + [None] * 2,
+        payment_type=["СБП"] * 80 + ["Оплата при получении"] * 7,
+    )
+    p = np.linspace(0.05, 0.95, len(frame))
+    table = compute_slice_metrics(frame, p, min_rows=30)
+    assert set(table["slice"]) == {
+        "carrier_id",
+        "days_since_order",
+        "is_handed_over",
+        "region",
+        "payment_type",
+    }
+    regions = table[table["slice"] == "region"].set_index("value")["n"].to_dict()
+    assert regions == {"Москва": 50, "Омская область": 35, "other": 2}
+    payments = table[table["slice"] == "payment_type"].set_index("value")["n"].to_dict()
+    assert payments == {"СБП": 80, "other": 7}
+    assert "ece" in table.columns

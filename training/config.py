@@ -68,7 +68,8 @@ class LightGBMConfig(_Section):
 class CalibrationConfig(_Section):
     """How raw booster scores become probabilities (fitted on the calibration split)."""
 
-    method: Literal["isotonic", "sigmoid"] = "isotonic"
+    # The methods of core.calibration.fit_calibrator (its CalibrationMethod).
+    method: Literal["isotonic", "sigmoid", "beta", "venn_abers"] = "isotonic"
     # Calibrated probabilities stay within [min_probability, 1 - min_probability].
     min_probability: float = Field(0.001, ge=0, lt=0.5)
 

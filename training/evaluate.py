@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 
 TRUTH_FILE = "truth.csv"
 HEADLINE_METRICS = ("roc_auc", "pr_auc", "brier", "log_loss", "ece")
-SLICE_COLUMNS = ("carrier_id", "days_since_order", "is_handed_over")
 # Upper edges (exclusive) of the days-since-order buckets, and their labels.
 DAYS_SINCE_ORDER_EDGES = (1, 2, 4, 8)
 DAYS_SINCE_ORDER_LABELS = ("0", "1", "2-3", "4-7", "8+")
@@ -166,14 +165,19 @@ def compute_metrics(
 # --- slices --------------------------------------------------------------------------------
 
 
-def build_slice_values(frame: pd.DataFrame, min_rows: int = 30) -> pd.DataFrame:
-    """The slice each row belongs to, as strings: carrier, days-since-order bucket, handed over.
+def _pooled(values: pd.Series, min_rows: int) -> pd.Series:
+    """``values`` as strings, the levels with fewer than ``min_rows`` rows pooled as ``other``."""
+    text = values.astype("string").fillna("unknown")
+    return text.where(text.map(text.value_counts()).ge(min_rows), "other")
 
-    Carriers with fewer than ``min_rows`` rows are pooled as ``other`` so no slice is noise.
+
+def build_slice_values(frame: pd.DataFrame, min_rows: int = 30) -> pd.DataFrame:
+    """The slice each row belongs to, as strings: carrier, days-since-order bucket, handed over,
+    and the region and payment type when the frame has them.
+
+    Levels with fewer than ``min_rows`` rows are pooled as ``other`` so no slice is noise.
     """
-    carrier = frame["carrier_id"].astype("string").fillna("unknown")
-    counts = carrier.value_counts()
-    carrier = carrier.where(carrier.map(counts).ge(min_rows), "other")
+    carrier = _pooled(frame["carrier_id"], min_rows)
     days = pd.to_numeric(frame["days_since_order"], errors="coerce").to_numpy(dtype="float64")
     buckets = np.searchsorted(np.asarray(DAYS_SINCE_ORDER_EDGES, dtype="float64"), days, "right")
     days_bucket = pd.Series(
@@ -184,14 +188,15 @@ def build_slice_values(frame: pd.DataFrame, min_rows: int = 30) -> pd.DataFrame:
         .astype("boolean")
         .map({True: "handed_over", False: "not_handed_over"})
     )
-    return pd.DataFrame(
-        {
-            "carrier_id": carrier,
-            "days_since_order": days_bucket.astype("string"),
-            "is_handed_over": handed_over.astype("string").fillna("unknown"),
-        },
-        index=frame.index,
-    )
+    slices = {
+        "carrier_id": carrier,
+        "days_since_order": days_bucket.astype("string"),
+        "is_handed_over": handed_over.astype("string").fillna("unknown"),
+    }
+    for column in ("region", "payment_type"):
+        if column in frame.columns:
+            slices[column] = _pooled(frame[column], min_rows)
+    return pd.DataFrame(slices, index=frame.index)
 
 
 def compute_slice_metrics(
@@ -207,7 +212,7 @@ def compute_slice_metrics(
     labels = frame["label"].to_numpy(dtype="int64")
     p = np.asarray(probabilities, dtype="float64")
     rows = []
-    for column in SLICE_COLUMNS:
+    for column in slices.columns:
         for value, positions in slices.groupby(column, sort=True).indices.items():
             metrics = compute_metrics(
                 labels[positions],
