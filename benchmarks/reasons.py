@@ -7,7 +7,8 @@ history, e.g. ``make demo``'s). For the postings open at the export moment it me
   and of LightGBM's TreeSHAP contributions (``pred_contrib=True``), for one posting at a time
   and for all of them in one call (medians of ``--repeats``);
 - how often the two agree on the top cause, where TreeSHAP's contribution of a cause is the sum
-  over the features that cause's counterfactual changes (:data:`CAUSE_FEATURES`).
+  over the features that cause's counterfactual changes
+  (:data:`training.reason_quality.SHAP_CAUSE_FEATURES`).
 """
 
 from __future__ import annotations
@@ -20,33 +21,7 @@ import numpy as np
 import pandas as pd
 
 from core.counterfactuals import CAUSES, build_risk_drops
-
-# The features each cause's counterfactual sets (core/counterfactuals.py), for summing TreeSHAP.
-CAUSE_FEATURES: dict[str, tuple[str, ...]] = {
-    "price_drop": (
-        "price_change_pct",
-        "lowest_price_change_pct",
-        "price_changes_since_purchase",
-        "promotion_since_purchase",
-    ),
-    "late_delivery": (
-        "hours_to_promised_delivery_end",
-        "delivery_date_changes",
-        "delivery_date_shift_hours",
-    ),
-    "tracking_quiet": ("hours_since_last_activity", "hours_since_last_scan"),
-    "not_shipped": ("is_handed_over", "hours_since_handover"),
-    "listing_changed": ("card_edits_since_purchase", "hours_since_last_card_edit"),
-    "buyer_profile": (
-        "buyer_earlier_buyer_cancels",
-        "buyer_earlier_postings",
-        "payment_type",
-        "region",
-        "region_buyer_cancel_rate",
-    ),
-    "early_remorse": ("hours_since_order",),
-    "slow_carrier": ("carrier", "carrier_buyer_cancel_rate", "promised_lead_time_hours"),
-}
+from training.reason_quality import SHAP_CAUSE_FEATURES
 
 
 def _median_seconds(work, repeats: int) -> float:
@@ -91,7 +66,7 @@ def run(history: str, model_uri: str, repeats: int, single_rows: int) -> dict:
     drops = counterfactual_all()
     contributions = pd.DataFrame(shap_all()[:, :-1], columns=list(model.feature_columns))
     shap_by_cause = pd.DataFrame(
-        {cause: contributions[list(CAUSE_FEATURES[cause])].sum(axis=1) for cause in CAUSES}
+        {cause: contributions[list(SHAP_CAUSE_FEATURES[cause])].sum(axis=1) for cause in CAUSES}
     )
     cf_top = drops.fillna(-np.inf).to_numpy().argmax(axis=1)
     has_cf = (drops.fillna(-np.inf).to_numpy().max(axis=1)) > 0
