@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -65,6 +64,7 @@ from benchmarks.harness import (
     stop_process,
     tool_environment,
     wait_ready,
+    write_outputs,
 )
 from core.ingest.postings import STATUS_PROGRESS
 from core.playbook import LANGUAGES, REASON_CODES, load_playbook
@@ -964,15 +964,7 @@ def main(argv: list[str] | None = None) -> None:
     # A SIGTERM unwinds like Ctrl-C: the server, PostgreSQL and the temporary files go.
     signal.signal(signal.SIGTERM, _interrupted)
     report = run(args)
-    markdown = format_markdown(report)
-    for path, text in (
-        (args.out_json, json.dumps(report, indent=2)),
-        (args.out_markdown, markdown),
-    ):
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text + "\n", encoding="utf-8")
-    sys.stdout.write(markdown)
+    write_outputs(args, report, format_markdown(report))
 
 
 if __name__ == "__main__":
